@@ -1,0 +1,88 @@
+"""A thin RecBole ``Config`` that resolves reveal-recbole's models and yaml files first.
+
+Internal defaults load in this order (later wins), then files, dicts and the command line
+override them exactly as in RecBole:
+
+1. RecBole's own overall/model/dataset/quick-start yaml (for ``XREVEAL``: the backbone X's yaml);
+2. ``properties/overall.yaml``: the shared protocol (split, metrics, training), for every model,
+   so baselines and REVEAL models run on the same data, split and seed;
+3. ``properties/reveal_base.yaml`` then ``properties/model/<Model>.yaml`` (REVEAL models);
+4. ``properties/dataset/<dataset>.yaml``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from recbole.config import Config as RecBoleConfig
+
+from reveal_recbole.utils import bundled_datasets_dir, get_model, properties_dir
+
+
+def backbone_of(model_class) -> type | None:
+    return getattr(model_class, "backbone", None)
+
+
+def reveal_yaml_files(model_name: str, model_class) -> list[Path]:
+    """Our yaml files for a model, in load order (files that do not exist are skipped)."""
+    props = properties_dir()
+    files = [props / "overall.yaml"]
+    if backbone_of(model_class) is not None:
+        files += [props / "reveal_base.yaml", props / "model" / f"{model_name}.yaml"]
+    return [f for f in files if f.is_file()]
+
+
+def recbole_model_yaml(model_class) -> Path:
+    import recbole
+
+    return Path(recbole.__file__).parent / "properties" / "model" / f"{model_class.__name__}.yaml"
+
+
+def fill_missing_defaults(config) -> None:
+    """Give a RecBole-native config (``run_recbole``, ``HyperTuning``) our REVEAL defaults for keys it lacks."""
+    model_class = get_model(config["model"])
+    for path in reveal_yaml_files(config["model"], model_class):
+        with open(path, encoding="utf-8") as handle:
+            for key, value in (yaml.load(handle, Loader=config.yaml_loader) or {}).items():
+                if config[key] is None and key not in config.final_config_dict:
+                    config[key] = value
+
+
+class Config(RecBoleConfig):
+    """RecBole's Config, resolving our models and loading our properties/ yaml files."""
+
+    def _get_model_and_dataset(self, model, dataset):
+        if isinstance(model, str) or model is None:
+            model = model or self.external_config_dict.get("model")
+            if model is None:
+                raise KeyError("model must be given: argument, config file, config dict or --model on the command line")
+            model = get_model(model)
+        return super()._get_model_and_dataset(model, dataset)
+
+    def _load_internal_config_dict(self, model, model_class, dataset):
+        super()._load_internal_config_dict(model, model_class, dataset)
+        backbone = backbone_of(model_class)
+        if backbone is not None and recbole_model_yaml(backbone).is_file():
+            self._update_internal_config_dict(recbole_model_yaml(backbone))
+        for path in reveal_yaml_files(model, model_class):
+            self._update_internal_config_dict(path)
+        dataset_file = properties_dir() / "dataset" / f"{dataset}.yaml"
+        if dataset_file.is_file():
+            loaded = self._update_internal_config_dict(dataset_file) or {}
+            self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
+
+    def _set_default_parameters(self):
+        super()._set_default_parameters()
+        bundled = bundled_datasets_dir() / self.dataset
+        if "data_path" not in self.external_config_dict and bundled.is_dir():
+            self.final_config_dict["data_path"] = str(bundled)
+        else:
+            self.final_config_dict["data_path"] = os.path.expanduser(self.final_config_dict["data_path"])
+
+
+def known_datasets() -> dict[str, str]:
+    """Dataset names with a properties yaml or a bundled copy, and where each comes from."""
+    names = {p.stem: "needs dataset_prep" for p in (properties_dir() / "dataset").glob("*.yaml")}
+    names.update({p.name: "bundled" for p in bundled_datasets_dir().iterdir() if p.is_dir()})
+    return dict(sorted(names.items()))

@@ -1,0 +1,149 @@
+"""Item feature files: one per modality, keyed by item token, aligned to RecBole's internal ids.
+
+Format (documented in the README): ``<dataset>.<modality>.npy`` holds a float array of shape
+``(rows, dim)`` and ``<dataset>.<modality>.items`` holds one item token per line, line ``i``
+naming row ``i``. Rows are matched to items by token, never by position, so a file written
+for a superset of items, or in any order, attaches to the right items.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from reveal_recbole.utils import atomic_write_bytes, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+class FeatureFileError(ValueError):
+    """A feature file that cannot be attached to the dataset; the message names file and cause."""
+
+
+@dataclass
+class ItemFeatures:
+    """Per-item features of one modality, row ``i`` belonging to internal item id ``i``."""
+
+    values: torch.Tensor  # (n_items, dim) float32, zeros where ``present`` is False
+    present: torch.Tensor  # (n_items,) bool
+    source: str
+
+    @property
+    def dim(self) -> int:
+        return self.values.shape[1]
+
+
+def feature_paths(feature_dir: str | os.PathLike, dataset: str, modality: str) -> tuple[Path, Path]:
+    base = Path(feature_dir) / f"{dataset}.{modality}"
+    return base.with_name(base.name + ".npy"), base.with_name(base.name + ".items")
+
+
+def write_item_features(
+    feature_dir: str | os.PathLike, dataset: str, modality: str, tokens: Sequence[str], values: np.ndarray
+) -> tuple[Path, Path]:
+    """Write a feature file pair atomically (array first, token list last)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if values.ndim != 2 or values.shape[0] != len(tokens):
+        raise ValueError(f"features of shape {values.shape} do not match {len(tokens)} item tokens")
+    npy_path, items_path = feature_paths(feature_dir, dataset, modality)
+    npy_path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.save(buffer, values, allow_pickle=False)
+    atomic_write_bytes(npy_path, buffer.getvalue())
+    atomic_write_text(items_path, "\n".join(tokens) + "\n")
+    return npy_path, items_path
+
+
+def read_feature_file(npy_path: Path, items_path: Path) -> tuple[list[str], np.ndarray]:
+    """Open a feature pair (memory-mapped) and check its shape, dtype and token list."""
+    for path in (npy_path, items_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"feature file not found: {path}")
+    try:
+        array = np.load(npy_path, mmap_mode="r", allow_pickle=False)
+    except ValueError as error:
+        raise FeatureFileError(f"{npy_path}: not a readable .npy array ({error})") from None
+    if array.ndim != 2:
+        raise FeatureFileError(f"{npy_path}: expected a 2-D (items, dim) array, got shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise FeatureFileError(f"{npy_path}: empty feature array of shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise FeatureFileError(f"{npy_path}: expected a floating-point array, got dtype {array.dtype}")
+    tokens = items_path.read_text(encoding="utf-8").splitlines()
+    if len(tokens) != array.shape[0]:
+        raise FeatureFileError(
+            f"{items_path}: {len(tokens)} item tokens but {npy_path.name} has {array.shape[0]} rows"
+        )
+    duplicates = sorted(token for token, count in Counter(tokens).items() if count > 1)
+    if duplicates:
+        raise FeatureFileError(f"{items_path}: duplicate item tokens {duplicates[:5]}")
+    return tokens, array
+
+
+def align_item_features(
+    tokens: Sequence[str],
+    array: np.ndarray,
+    token_to_id: Mapping[str, int],
+    n_items: int,
+    source: str,
+    strict: bool = True,
+) -> ItemFeatures:
+    """Place each row at its item's internal id; items without a row are marked missing."""
+    rows, ids, unknown = [], [], []
+    for row, token in enumerate(tokens):
+        item_id = token_to_id.get(token)
+        if item_id is None:
+            unknown.append(token)
+        else:
+            rows.append(row)
+            ids.append(item_id)
+    if not ids:
+        raise FeatureFileError(f"{source}: none of its {len(tokens)} item tokens is an item of the dataset")
+    if unknown and strict:
+        raise FeatureFileError(
+            f"{source}: {len(unknown)} item tokens are not items of the dataset, e.g. {unknown[:5]} "
+            "(set strict_feature_items: False to ignore them)"
+        )
+    if unknown:
+        logger.warning("%s: ignored %d rows whose item tokens are not in the dataset", source, len(unknown))
+    selected = np.asarray(array[np.asarray(rows)], dtype=np.float32)
+    finite = np.isfinite(selected).all(axis=1)
+    if not finite.all():
+        bad = [tokens[rows[i]] for i in np.flatnonzero(~finite)[:5]]
+        raise FeatureFileError(f"{source}: NaN or inf values in the rows of items {bad}")
+    values = torch.zeros(n_items, array.shape[1], dtype=torch.float32)
+    present = torch.zeros(n_items, dtype=torch.bool)
+    index = torch.as_tensor(ids, dtype=torch.long)
+    values[index] = torch.from_numpy(selected)
+    present[index] = True
+    return ItemFeatures(values=values, present=present, source=source)
+
+
+def load_item_features(
+    feature_dir: str | os.PathLike,
+    dataset: str,
+    modalities: Sequence[str],
+    token_to_id: Mapping[str, int],
+    n_items: int,
+    strict: bool = True,
+) -> dict[str, ItemFeatures]:
+    """Load and align every requested modality; log how many items lack a feature."""
+    features = {}
+    for modality in modalities:
+        npy_path, items_path = feature_paths(feature_dir, dataset, modality)
+        tokens, array = read_feature_file(npy_path, items_path)
+        aligned = align_item_features(tokens, array, token_to_id, n_items, str(npy_path), strict)
+        missing = int((~aligned.present[1:]).sum())  # id 0 is RecBole's padding item
+        logger.info(
+            "%s features: %d-d from %s, %d of %d items without a feature",
+            modality, aligned.dim, npy_path, missing, n_items - 1,
+        )
+        features[modality] = aligned
+    return features

@@ -1,0 +1,17 @@
+from reveal_recbole.model.bert4rec_reveal import BERT4RecREVEAL
+from reveal_recbole.model.gru4rec_reveal import GRU4RecREVEAL
+from reveal_recbole.model.item_encoder import REVEALItemEncoder
+from reveal_recbole.model.narm_reveal import NARMREVEAL
+from reveal_recbole.model.reveal import REVEALRecommender, make_reveal_model, register_reveal_model
+from reveal_recbole.model.sasrec_reveal import SASRecREVEAL
+
+__all__ = [
+    "BERT4RecREVEAL",
+    "GRU4RecREVEAL",
+    "NARMREVEAL",
+    "REVEALItemEncoder",
+    "REVEALRecommender",
+    "SASRecREVEAL",
+    "make_reveal_model",
+    "register_reveal_model",
+]

@@ -1,0 +1,97 @@
+"""Turn any RecBole sequential recommender into its REVEAL version, without editing the backbone.
+
+REVEAL: "Teach Multimodal Recommendation Model to See via Personalized Visual Extraction and
+Adaptive Learning" (Li, Zhang, Ye, Dong, Jiang, 2026, arXiv 2606.09082).
+
+A backbone qualifies when every item it embeds or scores goes through ``self.item_embedding``
+(``item_embedding(ids)`` and ``item_embedding.weight``), as SASRec, GRU4Rec, BERT4Rec, NARM,
+STAMP, Caser, NextItNet, LightSANs and most of RecBole's sequential models do::
+
+    from recbole.model.sequential_recommender import STAMP
+    from reveal_recbole.model import make_reveal_model
+
+    STAMPREVEAL = make_reveal_model(STAMP)          # registered as "STAMPREVEAL"
+    run_reveal(model="STAMPREVEAL", dataset="scientific")
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from reveal_recbole.config import fill_missing_defaults
+from reveal_recbole.model.item_encoder import REVEALItemEncoder
+
+
+class REVEALRecommender:
+    """Mixin placed before a backbone class: swaps its ``item_embedding`` for the REVEAL encoder."""
+
+    backbone: type
+
+    def __init__(self, config, dataset):
+        fill_missing_defaults(config)
+        super().__init__(config, dataset)
+        self.item_embedding = self.build_item_encoder(config, dataset, self.item_embedding)
+
+    def build_item_encoder(self, config, dataset, id_embedding: nn.Embedding) -> REVEALItemEncoder:
+        modalities = list(config["modalities"] or [])
+        available = getattr(dataset, "item_features", None)
+        if modalities and available is None:
+            raise TypeError(
+                f"{type(self).__name__} needs item features, but {type(dataset).__name__} has none: "
+                "build the dataset with reveal_recbole.data.create_dataset (MultimodalSequentialDataset)"
+            )
+        encoder = REVEALItemEncoder(
+            id_embedding,
+            {m: available[m] for m in modalities},
+            fusion=config["fusion"],
+            feature_trainable=config["feature_trainable"],
+            feature_dropout=config["feature_dropout"],
+            missing_feature=config["missing_feature"],
+            feature_norm=config["feature_norm"],
+        )
+        init_weights = getattr(self, "_init_weights", None)
+        if init_weights is not None:  # new layers follow the backbone's own initialisation
+            for name, child in encoder.named_children():
+                if name != "id_embedding":
+                    child.apply(init_weights)
+        return encoder
+
+    def calculate_loss(self, interaction):
+        with self.item_embedding.shared_table():
+            return super().calculate_loss(interaction)
+
+    def predict(self, interaction):
+        with self.item_embedding.shared_table():
+            return super().predict(interaction)
+
+    def full_sort_predict(self, interaction):
+        with self.item_embedding.shared_table():
+            return super().full_sort_predict(interaction)
+
+
+def make_reveal_model(backbone: type, name: str | None = None, register: bool = True) -> type:
+    """Build (and register with RecBole's lookups) ``<Backbone>REVEAL`` from a sequential backbone."""
+    from recbole.model.abstract_recommender import SequentialRecommender
+
+    if not (isinstance(backbone, type) and issubclass(backbone, SequentialRecommender)):
+        raise TypeError(f"{backbone!r} is not a RecBole SequentialRecommender class")
+    name = name or f"{backbone.__name__}REVEAL"
+    model_class = type(
+        name,
+        (REVEALRecommender, backbone),
+        {
+            "backbone": backbone,
+            "__doc__": f"{backbone.__name__} with the REVEAL item encoder.",
+            # the RecBole alias module that register_model creates, so checkpoints can pickle the class
+            "__module__": f"recbole.model.sequential_recommender.{name.lower()}",
+        },
+    )
+    return register_reveal_model(model_class) if register else model_class
+
+
+def register_reveal_model(model_class: type) -> type:
+    """Register a REVEAL model with its multimodal dataset class and trainer."""
+    from reveal_recbole.data.dataset import MultimodalSequentialDataset
+    from reveal_recbole.trainer import REVEALTrainer
+    from reveal_recbole.utils import register_model
+
+    return register_model(model_class, MultimodalSequentialDataset, REVEALTrainer)

@@ -1,0 +1,3 @@
+from reveal_recbole.trainer.trainer import REVEALTrainer
+
+__all__ = ["REVEALTrainer"]

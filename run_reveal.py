@@ -1,0 +1,25 @@
+"""Train and evaluate REVEAL models and RecBole baselines.
+
+    python run_reveal.py --model=SASRecREVEAL --dataset=scientific
+    python run_reveal.py --model=SASRec,SASRecREVEAL --dataset=scientific   # side-by-side table
+
+Unknown ``--key=value`` arguments are RecBole config overrides (e.g. ``--epochs=50``).
+"""
+import argparse
+
+from reveal_recbole.quick_start import compare, run_reveal
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", "-m", default="SASRecREVEAL", help="model name, or a comma-separated list to compare")
+    parser.add_argument("--dataset", "-d", default="scientific", help="dataset name")
+    parser.add_argument("--config_files", default=None, help="space-separated yaml config files")
+    parser.add_argument("--output_dir", default="results", help="where --model=A,B writes its comparison table")
+    args, _ = parser.parse_known_args()
+
+    config_files = args.config_files.split() if args.config_files else None
+    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    if len(models) == 1:
+        run_reveal(model=models[0], dataset=args.dataset, config_file_list=config_files)
+    else:
+        compare(models, args.dataset, config_file_list=config_files, output_dir=args.output_dir)
