@@ -6,8 +6,11 @@
 Unknown ``--key=value`` arguments are RecBole config overrides (e.g. ``--epochs=50``).
 """
 import argparse
+import sys
 
+from reveal_recbole.data import DatasetNotPreparedError, FeatureFileError
 from reveal_recbole.quick_start import compare, run_reveal
+from reveal_recbole.utils import UnknownModelError
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -19,7 +22,10 @@ if __name__ == "__main__":
 
     config_files = args.config_files.split() if args.config_files else None
     models = [m.strip() for m in args.model.split(",") if m.strip()]
-    if len(models) == 1:
-        run_reveal(model=models[0], dataset=args.dataset, config_file_list=config_files)
-    else:
-        compare(models, args.dataset, config_file_list=config_files, output_dir=args.output_dir)
+    try:
+        if len(models) == 1:
+            run_reveal(model=models[0], dataset=args.dataset, config_file_list=config_files)
+        else:
+            compare(models, args.dataset, config_file_list=config_files, output_dir=args.output_dir)
+    except (DatasetNotPreparedError, FeatureFileError, UnknownModelError) as error:
+        sys.exit(f"error: {error}")

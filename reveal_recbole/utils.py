@@ -61,6 +61,10 @@ def register_model(model_class: type, dataset_class: type | None = None, trainer
     return model_class
 
 
+class UnknownModelError(ValueError):
+    """A model name that neither reveal-recbole nor RecBole defines."""
+
+
 def registered_models() -> list[str]:
     return sorted(_MODELS)
 
@@ -73,8 +77,8 @@ def get_model(model_name: str) -> type:
 
     try:
         return recbole_get_model(model_name)
-    except (ValueError, AttributeError):
-        raise ValueError(
+    except (ValueError, AttributeError, ImportError):
+        raise UnknownModelError(
             f"unknown model {model_name!r}: REVEAL models are {registered_models()}; "
             "any RecBole model name (e.g. SASRec, GRU4Rec, BERT4Rec, NARM) also works"
         ) from None
