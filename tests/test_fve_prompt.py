@@ -24,7 +24,9 @@ def test_build_prompt_fills_the_paper_template():
 
 def test_build_prompt_defaults_for_missing_fields():
     prompt = build_prompt({"title": "  Lab   Beaker "})
-    assert prompt.startswith("An item image of a product. Item name: Lab Beaker. Users often mention: its overall look.")
+    assert prompt.startswith(
+        "An item image of a product. Item name: Lab Beaker. Users often mention: its overall look."
+    )
 
 
 @pytest.mark.parametrize(
