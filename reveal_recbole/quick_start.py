@@ -8,12 +8,14 @@ import time
 from logging import getLogger
 from pathlib import Path
 
+import torch
 from recbole.data import data_preparation
 from recbole.data.transform import construct_transform
 from recbole.utils import get_flops, init_logger, init_seed, set_color
 
 from reveal_recbole.config import Config
 from reveal_recbole.data import create_dataset
+from reveal_recbole.diagnostics import plot_diagnostics, visual_utilisation
 from reveal_recbole.utils import atomic_write_text, get_model, get_trainer
 
 REPORT_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
@@ -47,12 +49,42 @@ def run_reveal(model=None, dataset=None, config_file_list=None, config_dict=None
 
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
-    return {
+    result = {
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": best_valid_result,
         "test_result": test_result,
     }
+    if config["visual_utilisation"] and getattr(model.item_embedding, "modalities", ()):
+        result["utilisation"] = report_utilisation(config, trainer, test_data, saved)
+    return result
+
+
+def report_utilisation(config, trainer, test_data, saved: bool) -> dict:
+    """Test metrics with each modality masked, logged and (when saved) drawn next to the checkpoint."""
+    utilisation = visual_utilisation(trainer, test_data)
+    getLogger().info(set_color("visual utilisation (test, drop when masked)", "yellow") + f": {utilisation['drop']}")
+    if saved and config["diagnostics_figure"]:
+        avl_csv = getattr(trainer, "avl_csv_file", None)
+        figure = Path(trainer.saved_model_file).with_suffix(".diagnostics.png")
+        plot_diagnostics(avl_csv if avl_csv and Path(avl_csv).is_file() else None, utilisation, figure)
+        getLogger().info(f"diagnostics figure: {figure}")
+    return utilisation
+
+
+def load_data_and_model(model_file):
+    """Rebuild config, data and model from a checkpoint we saved (unpickling runs code: trusted files only)."""
+    checkpoint = torch.load(model_file, map_location="cpu", weights_only=False)
+    config = checkpoint["config"]
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+    return config, model, dataset, train_data, valid_data, test_data
 
 
 def objective_function(config_dict=None, config_file_list=None, saved=True):

@@ -15,6 +15,7 @@ STAMP, Caser, NextItNet, LightSANs and most of RecBole's sequential models do::
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from reveal_recbole.config import fill_missing_defaults
@@ -30,6 +31,8 @@ class REVEALRecommender:
         fill_missing_defaults(config)
         super().__init__(config, dataset)
         self.item_embedding = self.build_item_encoder(config, dataset, self.item_embedding)
+        # AVL's running means (mean L_v, mean L_t, count): a buffer, so checkpoints carry them
+        self.register_buffer("avl_running_losses", torch.zeros(3))
 
     def build_item_encoder(self, config, dataset, id_embedding: nn.Embedding) -> REVEALItemEncoder:
         modalities = list(config["modalities"] or [])

@@ -1,10 +1,48 @@
-"""Trainer for REVEAL models: RecBole's Trainer with checkpoint loading that works on torch >= 2.6."""
+"""Trainer for REVEAL models: RecBole's Trainer plus AVL, with checkpoints readable on torch >= 2.6."""
 from __future__ import annotations
 
-from recbole.trainer import Trainer
+import os
 
+from recbole.trainer import Trainer
+from recbole.utils import set_color
+
+from reveal_recbole.trainer.avl import AdaptiveVisualLearning, AVLConfig
 from reveal_recbole.utils import with_trusted_checkpoints
 
 
 class REVEALTrainer(with_trusted_checkpoints(Trainer)):
-    """RecBole's Trainer for REVEAL models; best-model reload and resume read our own checkpoints."""
+    """RecBole's Trainer; with ``avl: True`` each step's loss goes through Adaptive Visual Learning.
+
+    AVL plugs in as the ``loss_func`` of RecBole's own training loop, so batching, AMP, gradient
+    clipping, early stopping, checkpointing and logging stay RecBole's. Per-step AVL values go
+    to ``<saved model file>-avl.csv``; per-epoch means to the log and tensorboard.
+    """
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.avl = self._build_avl(config, model)
+        self.avl_csv_file = os.path.splitext(self.saved_model_file)[0] + "-avl.csv"
+
+    def _build_avl(self, config, model) -> AdaptiveVisualLearning | None:
+        if not config["avl"]:
+            return None
+        settings = AVLConfig.from_config(config)
+        missing = {settings.visual, settings.text} - set(model.item_embedding.modalities)
+        if missing:
+            self.logger.warning(f"AVL is off: it compares image and text, and the model has no {sorted(missing)} input")
+            return None
+        return AdaptiveVisualLearning(model, settings)
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if self.avl is None or loss_func is not None:
+            return super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
+        loss = super()._train_epoch(train_data, epoch_idx, self.avl.training_loss, show_progress)
+        summary = self.avl.end_epoch(epoch_idx, self.avl_csv_file)
+        if summary:
+            self.logger.info(
+                set_color(f"epoch {epoch_idx} AVL", "green")
+                + ": " + ", ".join(f"{key}: {value:.4f}" for key, value in summary.items())
+            )
+            for key, value in summary.items():
+                self.tensorboard.add_scalar(f"AVL/{key}", value, epoch_idx)
+        return loss

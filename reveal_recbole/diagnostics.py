@@ -1,0 +1,109 @@
+"""Does the model see? Visual utilisation and AVL figures.
+
+Visual utilisation (METHOD.md): evaluate the same split three times, with all inputs, with
+the image input masked and with the text input masked; the metric drop when a modality is
+masked says how much the model relies on it.
+
+    python -m reveal_recbole.diagnostics saved/SASRecREVEAL-<time>.pth --split=valid --figure=util.png
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+from typing import Optional
+
+from reveal_recbole.utils import atomic_write_bytes
+
+UTILISATION_METRICS = ("ndcg@10", "recall@20")
+
+
+def visual_utilisation(trainer, eval_data, modalities=("image", "text"), metrics=UTILISATION_METRICS) -> dict:
+    """Metrics with all inputs, with each modality masked, and the drop (full - masked) per metric."""
+    encoder = trainer.model.item_embedding
+    full = trainer.evaluate(eval_data, load_best_model=False)
+    report = {"full": {m: float(full[m]) for m in metrics}, "masked": {}, "drop": {}}
+    for modality in modalities:
+        if modality not in encoder.modalities:
+            continue
+        with encoder.masking([modality]):
+            masked = trainer.evaluate(eval_data, load_best_model=False)
+        report["masked"][modality] = {m: float(masked[m]) for m in metrics}
+        report["drop"][modality] = {m: float(full[m]) - float(masked[m]) for m in metrics}
+    return report
+
+
+def read_avl_csv(path: str | Path) -> dict[str, list[float]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise ValueError(f"{path}: no AVL rows")
+    return {key: [float(row[key]) for row in rows] for key in rows[0]}
+
+
+def plot_diagnostics(avl_csv: Optional[str | Path], utilisation: Optional[dict], output: str | Path) -> Path:
+    """One PNG: K_v over steps, per-modality gradient norms, and the utilisation bars."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (2 if avl_csv else 0) + (1 if utilisation else 0)
+    if panels == 0:
+        raise ValueError("nothing to plot: give an AVL CSV, a utilisation report, or both")
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), squeeze=False)
+    axes = list(axes[0])
+    if avl_csv:
+        steps = read_avl_csv(avl_csv)
+        ax = axes.pop(0)
+        ax.plot(steps["step"], steps["k_v"], lw=0.8)
+        ax.axhline(1.0, color="grey", ls="--", lw=0.8)
+        ax.set(title="AVL visual weight K_v", xlabel="training step", ylabel="K_v")
+        ax = axes.pop(0)
+        ax.plot(steps["step"], steps["grad_norm_image"], lw=0.8, label="image branch")
+        ax.plot(steps["step"], steps["grad_norm_text"], lw=0.8, label="text branch")
+        ax.set(title="gradient norm per modality", xlabel="training step", ylabel="L2 norm")
+        ax.legend()
+    if utilisation:
+        ax = axes.pop(0)
+        metrics = list(utilisation["full"])
+        modalities = list(utilisation["drop"])
+        width = 0.8 / max(len(modalities), 1)
+        for i, modality in enumerate(modalities):
+            xs = [j + i * width for j in range(len(metrics))]
+            ax.bar(xs, [utilisation["drop"][modality][m] for m in metrics], width, label=f"{modality} masked")
+        ax.set_xticks([j + width * (len(modalities) - 1) / 2 for j in range(len(metrics))], metrics)
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set(title="metric drop when a modality is masked", ylabel="full - masked")
+        ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(output, buffer.getvalue())
+    return Path(output)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_file", help="a checkpoint saved by run_reveal (saved/<Model>-<time>.pth)")
+    parser.add_argument("--split", choices=("valid", "test"), default="valid")
+    parser.add_argument("--figure", default=None, help="PNG path; default: next to the checkpoint")
+    args = parser.parse_args(argv)
+
+    from reveal_recbole.quick_start import load_data_and_model
+    from reveal_recbole.utils import get_trainer
+
+    config, model, _, train_data, valid_data, test_data = load_data_and_model(args.model_file)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    report = visual_utilisation(trainer, valid_data if args.split == "valid" else test_data)
+    print(f"{args.split} utilisation: {report}")
+    avl_csv = Path(args.model_file).with_name(Path(args.model_file).stem + "-avl.csv")
+    figure = args.figure or Path(args.model_file).with_suffix(".diagnostics.png")
+    print(f"figure: {plot_diagnostics(avl_csv if avl_csv.is_file() else None, report, figure)}")
+
+
+if __name__ == "__main__":
+    main()
