@@ -1,0 +1,1 @@
+"""Dataset preparation tools (run as scripts: ``python dataset_prep/<tool>.py --help``)."""
