@@ -1,0 +1,95 @@
+"""A disk cache of prompt-conditioned image features, so FVE re-extracts only what changed.
+
+Each FVE round rewrites the prompts of a quarter of the items at most; a feature depends only
+on the image, the prompt and the encoder, so every other item's feature is read back. A key
+is the SHA-256 of (SHA-256 of the image bytes, prompt, encoder id), the encoder id naming
+model, revision and pooling (``ImageEncoder.name``).
+
+Layout under ``root``: ``format.json`` (the cache format version) and ``entries/ab/<key>.npy``,
+one float32 vector per key. Every file is written to a temporary name and renamed, so a crash
+never leaves a half-written entry. A cache of another format version is emptied and rebuilt,
+never read.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from reveal_recbole.utils import atomic_write_bytes, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+FORMAT_FILE = "format.json"
+ENTRIES_DIR = "entries"
+
+
+def image_digest(image_bytes: bytes) -> str:
+    """SHA-256 of the encoded image file: the same picture under another path or name hits the cache."""
+    return hashlib.sha256(image_bytes).hexdigest()
+
+
+class FeatureCache:
+    """Feature vectors on disk by (image digest, prompt, encoder id), with hit/miss counters."""
+
+    def __init__(self, root: str | os.PathLike, format_version: int = CACHE_FORMAT_VERSION):
+        self.root = Path(root)
+        self.entries = self.root / ENTRIES_DIR
+        self.format_version = format_version
+        self.hits = 0
+        self.misses = 0
+        found = self._stored_version()
+        if found != format_version:
+            if found is not None or self.entries.exists():
+                logger.warning(
+                    "feature cache %s has format %s, expected %s: rebuilding it", self.root, found, format_version
+                )
+                shutil.rmtree(self.entries, ignore_errors=True)
+            atomic_write_text(self.root / FORMAT_FILE, json.dumps({"format_version": format_version}) + "\n")
+
+    def _stored_version(self) -> int | None:
+        try:
+            return int(json.loads((self.root / FORMAT_FILE).read_text(encoding="utf-8"))["format_version"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+
+    @staticmethod
+    def key(image_sha256: str, prompt: str, encoder_id: str) -> str:
+        """The entry key; JSON-encoding the triple keeps distinct triples distinct."""
+        return hashlib.sha256(json.dumps([image_sha256, prompt, encoder_id]).encode("utf-8")).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.entries / key[:2] / f"{key}.npy"
+
+    def get(self, key: str) -> np.ndarray | None:
+        """The cached vector, or None (a miss); an unreadable entry is removed and counts as a miss."""
+        path = self._path(key)
+        try:
+            vector = np.load(path, allow_pickle=False)
+            if vector.ndim != 1 or not np.issubdtype(vector.dtype, np.floating):
+                raise ValueError(f"entry of shape {vector.shape} and dtype {vector.dtype}")
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        except (OSError, ValueError, EOFError) as error:
+            logger.warning("dropping unreadable feature cache entry %s: %s", path, error)
+            path.unlink(missing_ok=True)
+            self.misses += 1
+            return None
+        self.hits += 1
+        return vector
+
+    def put(self, key: str, vector: np.ndarray) -> None:
+        vector = np.asarray(vector, dtype=np.float32)
+        if vector.ndim != 1:
+            raise ValueError(f"a cache entry is one vector, got shape {vector.shape}")
+        buffer = io.BytesIO()
+        np.save(buffer, vector, allow_pickle=False)
+        atomic_write_bytes(self._path(key), buffer.getvalue())
