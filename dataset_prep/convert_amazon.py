@@ -1,0 +1,479 @@
+"""Convert raw Amazon Reviews (McAuley 2014 or 2018) into a k-core RecBole dataset with item text and image URLs.
+
+Input:
+
+* ``--reviews``: ``reviews_<Category>_5.json.gz`` (2014) or ``<Category>.json.gz`` /
+  ``<Category>_5.json.gz`` (2018): one JSON object per line with ``reviewerID``, ``asin``,
+  ``unixReviewTime`` (and ``reviewText``/``summary``, used for keywords). Plain or gzip.
+* ``--meta`` (optional): ``meta_<Category>.json.gz``. 2014 lines are Python literals
+  (``{'asin': ..., 'imUrl': ...}``) and are parsed with ``ast.literal_eval`` (never ``eval``);
+  2018 lines are JSON. Lines that neither parser accepts are skipped and counted.
+
+Processing:
+
+1. Rows lacking a reviewer, an ASIN or a time are skipped (counted). Repeated (user, item)
+   pairs keep their earliest review (by time, then file order) unless ``--keep-duplicates``.
+2. Optionally (``--require-meta``, ``--require-image``) items without a metadata record / an
+   image URL are dropped first, as UniSRec and MISSRec do.
+3. k-core filtering (``--k``, default 5; ``--user-k``/``--item-k`` to differ): users and items
+   with fewer than k interactions are removed, and the count-and-remove step repeats until
+   nothing changes, so every remaining user and item has at least k interactions.
+4. Chronological order per user by ``unixReviewTime``; ties (the 2014 and 2018 times have day
+   resolution) keep the order of the input file. So that RecBole's own sort by timestamp keeps
+   that order, the n interactions of a user sharing one time t get timestamps t, t + 1/n,
+   t + 2/n, ... (less than one second apart, so the day is unchanged).
+
+Output (``--out``, default ``dataset/<name>``):
+
+* ``<name>.inter``: ``user_id:token item_id:token timestamp:float``, users in order of first
+  appearance in the reviews file.
+* ``<name>.item``: ``item_id title categories brand description keywords`` (the last column is
+  ``keywords:token_seq``). ``categories`` is one category path joined by `` > ``: the 2018
+  ``category`` list, or, of the 2014 ``categories`` paths, the longest path whose root is the
+  most common root among the kept items (the dataset's own category), else the first path.
+  HTML entities are decoded and tags removed; descriptions are cut to
+  ``--max-description-chars``.
+* ``<name>.images.tsv``: ``item_id<TAB>image_urls`` (URLs separated by spaces, the first one
+  the main image) for items that have any: ``imUrl`` (2014); ``imageURLHighRes``, else
+  ``imageURL``, else ``image`` (2018). For a later image downloader.
+
+Review keywords (the ``keywords`` column, ``--keywords`` per item, 0 to skip): for each kept
+item, the words of its kept reviews (``summary`` + ``reviewText``, lower-cased, letters only,
+3+ letters, a built-in English stop-word list removed) are counted once per review, giving the
+review frequency rf(w, i). Words found in fewer than ``--min-df`` items or in more than
+``--max-df`` of the items are dropped (too rare to trust / too generic, e.g. "great"); a word
+must also occur in at least min(2, number of the item's reviews) of its reviews. The score is
+TF-IDF with sublinear tf and smoothed idf,
+
+    score(w, i) = (1 + ln rf(w, i)) * (ln((1 + N) / (1 + df(w))) + 1),
+
+N the number of items and df(w) the number of items whose reviews contain w; the top words
+by score (ties: alphabetical) are kept.
+
+Usage::
+
+    python dataset_prep/convert_amazon.py --reviews raw/reviews_Sports_and_Outdoors_5.json.gz \
+        --meta raw/meta_Sports_and_Outdoors.json.gz --out dataset/sports_raw --name sports_raw
+    python dataset_prep/convert_amazon.py --reviews raw/Industrial_and_Scientific_5.json.gz \
+        --meta raw/meta_Industrial_and_Scientific.json.gz --name scientific2018 --require-image
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import calendar
+import html
+import json
+import re
+import sys
+import time
+from array import array
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dataset_prep.common import clean_field, open_text, progress, summary, write_inter, write_item_table  # noqa: E402
+from reveal_recbole.utils import atomic_write_text  # noqa: E402
+
+ASIN_PATTERN = re.compile(r"""['"]asin['"]\s*:\s*['"]([^'"]+)['"]""")
+TAG_PATTERN = re.compile(r"<[^>]*>")
+WORD_PATTERN = re.compile(r"[a-z]{3,}")
+STOP_WORDS = frozenset(
+    """
+    about above after again against all also although always among and another any anyone anything are
+    aren around because been before being below between both but can cannot could couldn did didn does
+    doesn doing done don down during each either else enough even ever every few for from further get gets
+    getting got had hadn has hasn have haven having her here hers herself him himself his how however into
+    isn its itself just let like made make makes many may might mine more most much must myself need needs
+    neither never nor not now off once one ones only onto other others our ours ourselves out over own per
+    put quite rather really said same see seem seems several shall she should shouldn since some something
+    still such than that the their theirs them themselves then there these they thing things this those
+    though through thus too under until upon use used using very via was wasn way well went were weren
+    what when where whether which while who whom whose why will with within without won would wouldn yet
+    you your yours yourself yourselves one two three four five item items product products bought buy
+    amazon review star stars
+    """.split()
+)
+
+
+class AmazonFormatError(ValueError):
+    """Input that cannot be converted; the message names the file and the cause."""
+
+
+# ----------------------------------------------------------------------------- parsing
+def parse_record(line: str) -> dict | None:
+    """One metadata or review line: JSON (2018, reviews) or a Python literal (2014 metadata).
+
+    ``ast.literal_eval`` only builds literals (strings, numbers, lists, dicts, ...): a line
+    holding any other expression is rejected, never executed. Returns None when unparseable.
+    """
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        try:
+            record = ast.literal_eval(line)
+        except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+            return None
+    return record if isinstance(record, dict) else None
+
+
+def strip_markup(value) -> str:
+    """Text of a metadata field: lists joined, HTML entities decoded, tags removed, one line."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        value = " ".join(strip_markup(v) for v in value)
+    return clean_field(TAG_PATTERN.sub(" ", html.unescape(str(value))))
+
+
+def cut_words(text: str, limit: int) -> str:
+    if limit <= 0 or len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0]
+    return cut + " ..."
+
+
+def category_paths(record: dict) -> list[list[str]]:
+    """Candidate category paths: 2014 ``categories`` (list of paths) or 2018 ``category`` (one path)."""
+    raw = record.get("categories")
+    paths = []
+    if isinstance(raw, list):
+        for path in raw:
+            if isinstance(path, (list, tuple)):
+                nodes = [strip_markup(node) for node in path]
+                paths.append([n for n in nodes if n])
+            elif isinstance(path, str) and strip_markup(path):
+                paths.append([strip_markup(path)])
+    flat = record.get("category")
+    if isinstance(flat, list):
+        nodes = [strip_markup(node) for node in flat]
+        paths.append([n for n in nodes if n])
+    return [p for p in paths if p]
+
+
+def choose_path(paths: list[list[str]], root: str | None) -> list[str]:
+    rooted = [p for p in paths if root is not None and p[0] == root]
+    if rooted:
+        return max(rooted, key=len)  # max keeps the first of equally long paths
+    return paths[0] if paths else []
+
+
+def image_urls(record: dict) -> list[str]:
+    """Image URLs of a metadata record, main image first (see the module docstring)."""
+    for key in ("imageURLHighRes", "imageURL", "image", "imUrl"):
+        value = record.get(key)
+        urls = [value] if isinstance(value, str) else list(value or []) if isinstance(value, list) else []
+        urls = [u.strip() for u in urls if isinstance(u, str) and u.strip().startswith(("http://", "https://"))]
+        if urls:
+            return list(dict.fromkeys(urls))
+    return []
+
+
+# ----------------------------------------------------------------------------- interactions
+class Interactions:
+    """The review rows as integer arrays (user, item, time, line number) plus the token tables."""
+
+    def __init__(self):
+        self.user_tokens: list[str] = []
+        self.item_tokens: list[str] = []
+        self.skipped = 0
+        self.lines = 0
+
+    @classmethod
+    def read(cls, path: Path) -> "Interactions":
+        self = cls()
+        user_ids: dict[str, int] = {}
+        item_ids: dict[str, int] = {}
+        users, items, line_numbers = array("l"), array("l"), array("l")
+        times = array("d")
+        with open_text(path) as handle:
+            for number, line in enumerate(progress(handle, f"read {path.name}", unit="reviews")):
+                self.lines += 1
+                record = parse_record(line)
+                timestamp = review_time(record) if record else None
+                user = record.get("reviewerID") if record else None
+                item = record.get("asin") if record else None
+                if not (isinstance(user, str) and user and isinstance(item, str) and item and timestamp is not None):
+                    self.skipped += 1
+                    continue
+                users.append(user_ids.setdefault(user, len(user_ids)))
+                items.append(item_ids.setdefault(item, len(item_ids)))
+                times.append(timestamp)
+                line_numbers.append(number)
+        self.user_tokens = list(user_ids)
+        self.item_tokens = list(item_ids)
+        self.user = np.frombuffer(users, dtype=np.int64).copy() if users else np.zeros(0, np.int64)
+        self.item = np.frombuffer(items, dtype=np.int64).copy() if items else np.zeros(0, np.int64)
+        self.time = np.frombuffer(times, dtype=np.float64).copy() if times else np.zeros(0)
+        self.line = np.frombuffer(line_numbers, dtype=np.int64).copy() if line_numbers else np.zeros(0, np.int64)
+        if not len(self.user):
+            raise AmazonFormatError(f"{path}: no review line with reviewerID, asin and unixReviewTime")
+        return self
+
+
+def review_time(record: dict) -> float | None:
+    value = record.get("unixReviewTime")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return float(value)
+    text = record.get("reviewTime")  # "MM DD, YYYY"
+    if isinstance(text, str):
+        try:
+            return float(calendar.timegm(time.strptime(text.strip(), "%m %d, %Y")))
+        except ValueError:
+            return None
+    return None
+
+
+def first_of_duplicates(user: np.ndarray, item: np.ndarray, times: np.ndarray, line: np.ndarray, n_items: int) -> np.ndarray:
+    """Mask keeping, of each repeated (user, item) pair, the earliest row (time, then file order)."""
+    key = user * n_items + item
+    order = np.lexsort((line, times, key))
+    keep_sorted = np.ones(len(order), dtype=bool)
+    keep_sorted[1:] = key[order][1:] != key[order][:-1]
+    keep = np.zeros(len(order), dtype=bool)
+    keep[order[keep_sorted]] = True
+    return keep
+
+
+def k_core(user: np.ndarray, item: np.ndarray, mask: np.ndarray, user_k: int, item_k: int) -> tuple[np.ndarray, int]:
+    """Iterate 'drop users with < user_k and items with < item_k interactions' until stable."""
+    mask = mask.copy()
+    rounds = 0
+    n_users, n_items = int(user.max()) + 1, int(item.max()) + 1
+    while True:
+        rounds += 1
+        user_count = np.bincount(user[mask], minlength=n_users)
+        item_count = np.bincount(item[mask], minlength=n_items)
+        new_mask = mask & (user_count[user] >= user_k) & (item_count[item] >= item_k)
+        if np.array_equal(new_mask, mask):
+            return mask, rounds
+        mask = new_mask
+
+
+def chronological(user: np.ndarray, times: np.ndarray, line: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Indices of the kept rows grouped by user (first appearance order), by time, ties by file order."""
+    kept = np.flatnonzero(mask)
+    first_line = np.full(int(user.max()) + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first_line, user[kept], line[kept])
+    order = np.lexsort((line[kept], times[kept], first_line[user[kept]]))
+    return kept[order]
+
+
+def tie_broken_times(user: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Within each (user, time) run of n rows (already ordered), add 0, 1/n, 2/n, ..."""
+    out = times.astype(np.float64).copy()
+    n = len(out)
+    start = 0
+    while start < n:
+        end = start + 1
+        while end < n and user[end] == user[start] and times[end] == times[start]:
+            end += 1
+        if end - start > 1:
+            out[start:end] += np.arange(end - start) / (end - start)
+        start = end
+    return out
+
+
+# ----------------------------------------------------------------------------- metadata
+def read_meta(path: Path, wanted: set[str]) -> tuple[dict[str, dict], int]:
+    """Records of the wanted ASINs (first record per ASIN), and the count of unparseable wanted lines."""
+    records: dict[str, dict] = {}
+    bad = 0
+    with open_text(path) as handle:
+        for line in progress(handle, f"read {path.name}", unit="items"):
+            match = ASIN_PATTERN.search(line)
+            if match is None or match.group(1) not in wanted or match.group(1) in records:
+                continue
+            record = parse_record(line)
+            if record is None or record.get("asin") != match.group(1):
+                bad += 1
+                continue
+            records[match.group(1)] = record
+    return records, bad
+
+
+# ----------------------------------------------------------------------------- keywords
+def review_keywords(
+    path: Path,
+    kept_lines: np.ndarray,
+    line_items: np.ndarray,
+    item_tokens: list[str],
+    top_k: int,
+    min_df: int = 2,
+    max_df: float = 0.5,
+) -> dict[str, list[str]]:
+    """Top TF-IDF words of each item's reviews (the method is in the module docstring)."""
+    if top_k <= 0 or not len(kept_lines):
+        return {}
+    item_of_line = dict(zip(kept_lines.tolist(), line_items.tolist()))
+    vocabulary: dict[str, int] = {}
+    pair_items, pair_words = array("l"), array("l")
+    reviews = Counter()
+    last = int(kept_lines.max())
+    with open_text(path) as handle:
+        for number, line in enumerate(progress(handle, f"keywords {path.name}", unit="reviews")):
+            if number > last:
+                break
+            item = item_of_line.get(number)
+            if item is None:
+                continue
+            record = parse_record(line) or {}
+            text = f"{record.get('summary') or ''} {record.get('reviewText') or ''}".lower()
+            words = {w for w in WORD_PATTERN.findall(text) if w not in STOP_WORDS}
+            reviews[item] += 1
+            for word in words:
+                pair_items.append(item)
+                pair_words.append(vocabulary.setdefault(word, len(vocabulary)))
+    if not vocabulary:
+        return {}
+    items = np.frombuffer(pair_items, dtype=np.int64)
+    words = np.frombuffer(pair_words, dtype=np.int64)
+    n_words = len(vocabulary)
+    pairs, rf = np.unique(items * n_words + words, return_counts=True)
+    pair_item, pair_word = pairs // n_words, pairs % n_words
+    df = np.bincount(pair_word, minlength=n_words)
+    n_docs = len(reviews)
+    idf = np.log((1 + n_docs) / (1 + df)) + 1.0
+    n_reviews = np.zeros(len(item_tokens), dtype=np.int64)
+    for item, count in reviews.items():
+        n_reviews[item] = count
+    ok = (df[pair_word] >= min_df) & (df[pair_word] <= max_df * n_docs) & (rf >= np.minimum(2, n_reviews[pair_item]))
+    score = (1.0 + np.log(rf)) * idf[pair_word]
+    words_by_id = np.array(list(vocabulary), dtype=object)
+    pair_item, pair_word, score = pair_item[ok], pair_word[ok], score[ok]
+    # sort by item, then score descending, then word ascending
+    order = np.lexsort((words_by_id[pair_word].astype(str), -score, pair_item))
+    keywords: dict[str, list[str]] = {}
+    for index in order:
+        chosen = keywords.setdefault(item_tokens[pair_item[index]], [])
+        if len(chosen) < top_k:
+            chosen.append(words_by_id[pair_word[index]])
+    return keywords
+
+
+# ----------------------------------------------------------------------------- conversion
+def convert(
+    reviews: Path,
+    out: Path,
+    name: str,
+    meta: Path | None = None,
+    k: int = 5,
+    user_k: int | None = None,
+    item_k: int | None = None,
+    keep_duplicates: bool = False,
+    require_meta: bool = False,
+    require_image: bool = False,
+    keywords: int = 10,
+    min_df: int = 2,
+    max_df: float = 0.5,
+    max_description_chars: int = 1000,
+) -> dict:
+    start = time.perf_counter()
+    if (require_meta or require_image) and meta is None:
+        raise AmazonFormatError("--require-meta / --require-image need --meta")
+    data = Interactions.read(reviews)
+    mask = np.ones(len(data.user), dtype=bool)
+    if not keep_duplicates:
+        mask &= first_of_duplicates(data.user, data.item, data.time, data.line, len(data.item_tokens))
+    duplicates = int((~mask).sum())
+
+    records, bad_meta = ({}, 0)
+    if meta is not None:
+        records, bad_meta = read_meta(meta, set(data.item_tokens))
+    if require_meta or require_image:
+        allowed = np.array(
+            [t in records and (not require_image or bool(image_urls(records[t]))) for t in data.item_tokens], dtype=bool
+        )
+        mask &= allowed[data.item]
+    mask, rounds = k_core(data.user, data.item, mask, user_k or k, item_k or k)
+    if not mask.any():
+        raise AmazonFormatError(f"{reviews}: nothing is left after the {user_k or k}/{item_k or k}-core filter")
+    rows = chronological(data.user, data.time, data.line, mask)
+    users, items = data.user[rows], data.item[rows]
+    timestamps = tie_broken_times(users, data.time[rows])
+
+    out.mkdir(parents=True, exist_ok=True)
+    sequences: dict[str, list[tuple[str, float]]] = {}
+    for u, i, t in zip(users.tolist(), items.tolist(), timestamps.tolist()):
+        sequences.setdefault(data.user_tokens[u], []).append((data.item_tokens[i], t))
+    n_rows = write_inter(out / f"{name}.inter", sequences.items())
+
+    item_order = list(dict.fromkeys(items.tolist()))
+    tokens = [data.item_tokens[i] for i in item_order]
+    words = review_keywords(reviews, data.line[rows], items, data.item_tokens, keywords, min_df, max_df)
+    roots = Counter(p[0] for t in tokens if t in records for p in category_paths(records[t]))
+    root = roots.most_common(1)[0][0] if roots else None
+    item_rows, image_rows = [], []
+    for token in tokens:
+        record = records.get(token, {})
+        item_rows.append([
+            token,
+            strip_markup(record.get("title")),
+            " > ".join(choose_path(category_paths(record), root)),
+            strip_markup(record.get("brand")),
+            cut_words(strip_markup(record.get("description")), max_description_chars),
+            " ".join(words.get(token, [])),
+        ])
+        urls = image_urls(record)
+        if urls:
+            image_rows.append(f"{token}\t{' '.join(urls)}")
+    write_item_table(out / f"{name}.item", item_rows, extra_header=["keywords:token_seq"])
+    if meta is not None:
+        atomic_write_text(out / f"{name}.images.tsv", "\n".join(["item_id\timage_urls", *image_rows]) + "\n")
+
+    result = {
+        "users": len(sequences),
+        "items": len(tokens),
+        "interactions": n_rows,
+        "review_lines": data.lines,
+        "skipped_lines": data.skipped,
+        "duplicates_dropped": duplicates,
+        "kcore_rounds": rounds,
+        "items_with_meta": sum(t in records for t in tokens),
+        "items_with_image": len(image_rows),
+        "unparseable_meta_lines": bad_meta,
+        "seconds": time.perf_counter() - start,
+    }
+    print(summary(out, name, result["users"], result["items"], n_rows, ", ".join(
+        f"{key.replace('_', ' ')} {value if key != 'seconds' else f'{value:.1f}'}"
+        for key, value in result.items() if key not in ("users", "items", "interactions")
+    )))
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reviews", type=Path, required=True, help="reviews JSON lines (.json or .json.gz)")
+    parser.add_argument("--meta", type=Path, default=None, help="metadata lines (2014 Python literals or 2018 JSON)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: dataset/<name>)")
+    parser.add_argument("--name", required=True, help="dataset name: the output files are <name>.inter etc.")
+    parser.add_argument("--k", type=int, default=5, help="k-core threshold for users and items (default 5)")
+    parser.add_argument("--user-k", type=int, default=None, help="k for users (default: --k)")
+    parser.add_argument("--item-k", type=int, default=None, help="k for items (default: --k)")
+    parser.add_argument("--keep-duplicates", action="store_true", help="keep repeated (user, item) reviews")
+    parser.add_argument("--require-meta", action="store_true", help="drop items without a metadata record first")
+    parser.add_argument("--require-image", action="store_true", help="drop items without an image URL first")
+    parser.add_argument("--keywords", type=int, default=10, help="review keywords per item (0: skip)")
+    parser.add_argument("--min-df", type=int, default=2, help="a keyword must occur in at least this many items")
+    parser.add_argument("--max-df", type=float, default=0.5, help="...and in at most this fraction of the items")
+    parser.add_argument("--max-description-chars", type=int, default=1000, help="cut descriptions (0: keep all)")
+    args = parser.parse_args(argv)
+    try:
+        return convert(
+            args.reviews, args.out or Path("dataset") / args.name, args.name, args.meta, args.k, args.user_k,
+            args.item_k, args.keep_duplicates, args.require_meta, args.require_image, args.keywords, args.min_df,
+            args.max_df, args.max_description_chars,
+        )
+    except (AmazonFormatError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

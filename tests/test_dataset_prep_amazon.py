@@ -1,0 +1,314 @@
+"""dataset_prep/convert_amazon.py: raw Amazon 2014/2018 formats, k-core, order, keywords, image URLs."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dataset_prep import convert_amazon  # noqa: E402
+from dataset_prep.common import read_inter  # noqa: E402
+
+S3REC_SPORTS = ROOT / "tests" / "data" / "s3rec" / "sports"
+SHARED = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
+DAY = 86400
+T0 = 1_300_000_000 // DAY * DAY
+
+
+def review(user, item, t, text="", summary="", full=True):
+    """A review line as in reviews_<Category>_5.json.gz (2014; 2018 has the same keys used here)."""
+    if not full:  # just the keys the k-core needs (the full-size test writes 300k of these)
+        return {"reviewerID": user, "asin": item, "unixReviewTime": int(t)}
+    return {
+        "reviewerID": user, "asin": item, "reviewerName": "J. Doe", "helpful": [0, 0],
+        "reviewText": text, "overall": 5.0, "summary": summary, "unixReviewTime": int(t),
+        "reviewTime": "01 1, 2014",
+    }
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    data = "\n".join(lines) + "\n"
+    if path.suffix == ".gz":
+        with gzip.open(path, "wt", encoding="utf-8") as handle:
+            handle.write(data)
+    else:
+        path.write_text(data, encoding="utf-8")
+    return path
+
+
+def core_block():
+    """6 users x 7 items, user u skips item u: every user has 6 reviews, every item at least 5."""
+    users = [f"AUSER{u}" for u in range(6)]
+    items = [f"B00ITEM00{i}" for i in range(7)]
+    rows = []
+    for u, user in enumerate(users):
+        for i, item in enumerate(items):
+            if i != u:
+                rows.append((user, item))
+    return users, items, rows
+
+
+# ----------------------------------------------------------------------------- 2014 format
+def make_2014(tmp_path: Path) -> tuple[Path, Path]:
+    users, items, rows = core_block()
+    lines = []
+    for n, (user, item) in enumerate(rows):
+        u, i = int(user[-1]), int(item[-1])
+        # per user: items 0..6 on days u-th pattern; items 1 and 2 share a day (tie)
+        day = {0: 0, 1: 1, 2: 1, 3: 2, 4: 3, 5: 4, 6: 5}[i]
+        text = "Great product. It is waterproof and the waterproof zipper works." if i == 3 else "Great product, works."
+        if i == 4:
+            text = "Great blade, very sharp blade and a sturdy handle."
+        lines.append(review(user, item, T0 + day * DAY, text=text, summary="Great"))
+    # file order: user AUSER0 lists item 2 before item 1 (same day) -> 2 must come first
+    first = [k for k, r in enumerate(lines) if r["reviewerID"] == "AUSER0"]
+    a = next(k for k in first if r_item(lines[k]) == "B00ITEM001")
+    b = next(k for k in first if r_item(lines[k]) == "B00ITEM002")
+    lines[a], lines[b] = lines[b], lines[a]
+    # noise: a user with 4 reviews, an item with 3 reviews (from core users)
+    lines += [review("ANOISE", item, T0, "meh") for item in items[:4]]
+    lines += [review(user, "B0NOISE001", T0 + 9 * DAY, "meh") for user in users[:3]]
+    random.Random(0).shuffle(lines)  # file order across users is arbitrary; within AUSER0 fixed below
+    lines.sort(key=lambda r: (r["reviewerID"] != "AUSER0"))  # keep AUSER0's tie order (stable sort)
+    reviews = write_lines(tmp_path / "reviews_Sports_and_Outdoors_5.json.gz", [json.dumps(r) for r in lines])
+
+    meta = []
+    for i, item in enumerate(items[:6]):
+        record = {
+            "asin": item,
+            "title": f"Men's Trail Knife &amp; Sheath {i}",
+            "price": 12.5,
+            "imUrl": f"http://ecx.images-amazon.com/images/I/{i}abc._SY300_.jpg",
+            "related": {"also_bought": ["B00ITEM000"]},
+            "salesRank": {"Sports &amp; Outdoors": 1000 + i},
+            "categories": [["Clothing, Shoes & Jewelry", "Men"], ["Sports & Outdoors", "Hunting & Fishing", "Knives"]],
+            "brand": "Buck",
+        }
+        if i == 5:
+            del record["imUrl"]
+            record["categories"] = [["Sports & Outdoors"]]
+        meta.append(repr(record))  # Python literal, as the 2014 meta files are
+    # an evil line for item 6: literal_eval must refuse it, nothing may run
+    meta.append("{'asin': 'B00ITEM006', 'title': __import__('os').system('touch PWNED')}")
+    meta.append(repr({"asin": "B0OTHER999", "title": "not in the reviews"}))
+    return reviews, write_lines(tmp_path / "meta_Sports_and_Outdoors.json.gz", meta)
+
+
+def r_item(record):
+    return record["asin"]
+
+
+def test_2014_reviews_and_literal_metadata(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    reviews, meta = make_2014(tmp_path)
+    result = convert_amazon.convert(reviews, tmp_path / "out", "sp", meta=meta, keywords=3, min_df=1)
+    assert not (tmp_path / "PWNED").exists()
+    assert result["unparseable_meta_lines"] == 1
+    assert (result["users"], result["items"], result["interactions"]) == (6, 7, 36)
+    assert result["kcore_rounds"] >= 2
+
+    inter = read_inter(tmp_path / "out" / "sp.inter")
+    assert set(inter) == {f"AUSER{u}" for u in range(6)}
+    # chronological, ties in file order: AUSER0 wrote item 2 before item 1 on the same day
+    assert [i for i, _ in inter["AUSER0"]] == [f"B00ITEM00{i}" for i in (2, 1, 3, 4, 5, 6)]
+    written = [json.loads(line) for line in gzip.open(reviews, "rt")]
+    for user, events in inter.items():
+        mine = [(r["unixReviewTime"], n, r["asin"]) for n, r in enumerate(written) if r["reviewerID"] == user]
+        assert [i for i, _ in events] == [asin for _, _, asin in sorted(mine) if asin != "B0NOISE001"]
+    times = [t for _, t in inter["AUSER0"]]
+    assert times[:2] == [T0 + DAY, T0 + DAY + 0.5] and times == sorted(times)
+
+    item_lines = (tmp_path / "out" / "sp.item").read_text().splitlines()
+    assert item_lines[0].split("\t") == [
+        "item_id:token", "title:token_seq", "categories:token_seq", "brand:token", "description:token_seq",
+        "keywords:token_seq",
+    ]
+    rows = {line.split("\t")[0]: line.split("\t") for line in item_lines[1:]}
+    assert rows["B00ITEM000"][1] == "Men's Trail Knife & Sheath 0"
+    assert rows["B00ITEM000"][2] == "Sports & Outdoors > Hunting & Fishing > Knives"  # the dataset's root
+    assert rows["B00ITEM000"][3] == "Buck"
+    assert rows["B00ITEM003"][5].split()[0] == "waterproof"
+    assert "blade" in rows["B00ITEM004"][5].split()
+    assert "great" not in rows["B00ITEM004"][5].split()  # in every item's reviews: too generic
+    assert rows["B00ITEM006"][1:5] == ["", "", "", ""]  # its metadata line was refused
+
+    images = (tmp_path / "out" / "sp.images.tsv").read_text().splitlines()
+    assert images[0] == "item_id\timage_urls"
+    urls = dict(line.split("\t") for line in images[1:])
+    assert urls["B00ITEM000"] == "http://ecx.images-amazon.com/images/I/0abc._SY300_.jpg"
+    assert "B00ITEM005" not in urls and "B00ITEM006" not in urls and len(urls) == 5
+
+
+# ----------------------------------------------------------------------------- 2018 format
+def test_2018_json_metadata_duplicates_and_require_image(tmp_path):
+    users, items, rows = core_block()
+    lines = [json.dumps(review(u, i, T0 + n)) for n, (u, i) in enumerate(rows)]
+    # a repeated review of (AUSER1, item 0), later: the earliest is kept
+    lines.append(json.dumps(review("AUSER1", "B00ITEM000", T0 + 10**6)))
+    reviews = write_lines(tmp_path / "Industrial_and_Scientific_5.json", lines)
+    meta = []
+    for i, item in enumerate(items):
+        record = {
+            "category": ["Industrial &amp; Scientific", "Lab", "<span class='x'>Pipettes</span>"],
+            "tech1": "", "description": ["<b>Precise</b> pipette.", "Autoclavable."], "fit": "",
+            "title": f"Pipette {i}", "also_buy": [], "brand": "Eppendorf", "feature": [], "rank": [],
+            "also_view": [], "main_cat": "Industrial & Scientific", "similar_item": "", "date": "",
+            "price": "$9.99", "asin": item,
+            "imageURL": [f"https://images-na.ssl-images-amazon.com/images/I/{i}._SS40_.jpg"],
+            "imageURLHighRes": [f"https://images-na.ssl-images-amazon.com/images/I/{i}.jpg",
+                                f"https://images-na.ssl-images-amazon.com/images/I/{i}b.jpg"],
+        }
+        if i == 6:
+            record["imageURL"] = record["imageURLHighRes"] = []
+        meta.append(json.dumps(record))
+        if i == 0:
+            meta.append(json.dumps({**record, "title": "a later duplicate record"}))
+    meta_path = write_lines(tmp_path / "meta_Industrial_and_Scientific.json.gz", meta)
+
+    result = convert_amazon.convert(reviews, tmp_path / "a", "sci", meta=meta_path, keywords=0)
+    assert result["duplicates_dropped"] == 1
+    assert (result["users"], result["items"], result["interactions"]) == (6, 7, 36)
+    inter = read_inter(tmp_path / "a" / "sci.inter")
+    assert inter["AUSER1"][0] == ("B00ITEM000", float(T0 + 6))
+    rows_ = {l.split("\t")[0]: l.split("\t") for l in (tmp_path / "a" / "sci.item").read_text().splitlines()[1:]}
+    assert rows_["B00ITEM000"][1:5] == [
+        "Pipette 0", "Industrial & Scientific > Lab > Pipettes", "Eppendorf", "Precise pipette. Autoclavable.",
+    ]
+    urls = dict(l.split("\t") for l in (tmp_path / "a" / "sci.images.tsv").read_text().splitlines()[1:])
+    assert urls["B00ITEM002"].split() == [
+        "https://images-na.ssl-images-amazon.com/images/I/2.jpg", "https://images-na.ssl-images-amazon.com/images/I/2b.jpg",
+    ]
+
+    # item 6 has no image: dropped first, the users keep 5 reviews each, items 0..5 keep 5 reviewers
+    ok = convert_amazon.convert(reviews, tmp_path / "b", "sci", meta=meta_path, keywords=0, require_image=True)
+    assert (ok["users"], ok["items"], ok["interactions"], ok["items_with_image"]) == (6, 6, 30, 6)
+    # a 6-core: items 0..5 have 5 reviewers, then every user falls below 6: nothing is left
+    with pytest.raises(convert_amazon.AmazonFormatError, match="nothing is left"):
+        convert_amazon.convert(reviews, tmp_path / "c", "sci", meta=meta_path, keywords=0, k=6)
+    assert not (tmp_path / "c" / "sci.inter").exists()
+
+
+def test_unparseable_review_lines_are_skipped(tmp_path):
+    users, items, rows = core_block()
+    lines = [json.dumps(review(u, i, T0)) for u, i in rows] + ["not json", json.dumps({"asin": "X"}), ""]
+    result = convert_amazon.convert(write_lines(tmp_path / "r.json", lines), tmp_path / "o", "x", keywords=0)
+    assert result["skipped_lines"] == 3 and result["interactions"] == 36
+    assert not (tmp_path / "o" / "x.images.tsv").exists()  # no metadata, no image list
+
+
+def test_parse_record_never_evaluates():
+    assert convert_amazon.parse_record("{'asin': 'A', 'x': [1, (2, 3)], 'y': None}") == {"asin": "A", "x": [1, (2, 3)], "y": None}
+    assert convert_amazon.parse_record("{'asin': open('/etc/passwd').read()}") is None
+    assert convert_amazon.parse_record("[1, 2]") is None
+
+
+# ----------------------------------------------------------------------------- k-core vs S3-Rec
+def naive_k_core(records: list[tuple[str, str, int]], k: int) -> set[tuple[str, str]]:
+    """An independent, plain-Python k-core: keep (user, item) pairs until every count is >= k."""
+    pairs = {(u, i) for u, i, _ in records}
+    while True:
+        users, items = defaultdict(int), defaultdict(int)
+        for u, i in pairs:
+            users[u] += 1
+            items[i] += 1
+        kept = {(u, i) for u, i in pairs if users[u] >= k and items[i] >= k}
+        if kept == pairs:
+            return kept
+        pairs = kept
+
+
+def reviews_from_sequences(sequences: dict[str, list[str]], k: int, seed: int = 0, full: bool = True) -> list[dict]:
+    """Reviews equivalent to the sequences, plus noise the k-core filter has to remove.
+
+    Real users: item p on day p // 2 (pairs of items share a day); each user's reviews are
+    written latest day first but, within a day, in sequence order (so the converter has to sort
+    by time and break ties by file order); users are interleaved at random. Noise:
+    users with k - 1 reviews; users with k reviews, one on an item with < k reviews (gone in
+    round 2); a noise item reviewed by k users who each lose a singleton item in round 1 (users
+    gone in round 2, the item in round 3) and by fewer than k users whose k-th review it is
+    (gone in round 4); and repeated reviews of real pairs dated later (dropped as duplicates).
+    """
+    rng = random.Random(seed)
+    real_items = sorted({i for seq in sequences.values() for i in seq})
+    per_user = []
+    for user, seq in sequences.items():
+        days = [p // 2 for p in range(len(seq))]
+        slots = sorted(range(len(seq)), key=lambda p: (-days[p], p))
+        per_user.append([review(user, seq[p], T0 + days[p] * DAY, full=full) for p in slots])
+    noise = []
+    for n in range(20):
+        noise.append([review(f"NOISEA{n}", i, T0) for i in rng.sample(real_items, k - 1)])
+    for n in range(20):
+        rows = [review(f"NOISEB{n}", i, T0) for i in rng.sample(real_items, k - 1)]
+        noise.append(rows + [review(f"NOISEB{n}", f"NOISEITEMB{n // (k - 1)}", T0 + DAY)])
+    for n in range(k):
+        rows = [review(f"NOISEC{n}", i, T0) for i in rng.sample(real_items, k - 2)]
+        noise.append(rows + [review(f"NOISEC{n}", "NOISEITEMZ", T0), review(f"NOISEC{n}", f"NOISEITEMW{n}", T0)])
+    for n in range(min(3, k - 1)):  # fewer than k, so that the noise item falls once the C users go
+        rows = [review(f"NOISED{n}", i, T0) for i in rng.sample(real_items, k - 1)]
+        noise.append(rows + [review(f"NOISED{n}", "NOISEITEMZ", T0)])
+    duplicates = []
+    for user, seq in list(sequences.items())[:10]:
+        duplicates.append([review(user, seq[0], T0 + 10_000 * DAY)])
+    groups = per_user + noise + duplicates
+    # interleave the groups at random, keeping each group's own order
+    keys = [sorted(rng.random() for _ in group) for group in groups]
+    flat = [(key, row) for group, group_keys in zip(groups, keys) for key, row in zip(group_keys, group)]
+    flat.sort(key=lambda pair: pair[0])
+    return [row for _, row in flat]
+
+
+def check_against(sequences, expected_pairs, inter):
+    expected = {
+        user: [i for i in seq if (user, i) in expected_pairs] for user, seq in sequences.items()
+    }
+    expected = {u: seq for u, seq in expected.items() if seq}
+    assert set(inter) == set(expected)
+    for user, events in inter.items():
+        assert [i for i, _ in events] == expected[user], user
+        times = [t for _, t in events]
+        assert times == sorted(times) and len(set(times)) == len(times)
+
+
+def test_k_core_on_a_real_s3rec_extract_matches_an_independent_filter(tmp_path):
+    """Fresh-clone version: 40 real Sports users (tests/data), k = 2, checked against naive_k_core."""
+    maps = json.loads((S3REC_SPORTS / "datamaps.json").read_text())
+    sequences = {
+        maps["id2user"][p[0]]: [maps["id2item"][i] for i in p[1:]]
+        for p in (l.split() for l in (S3REC_SPORTS / "Sports_and_Outdoors.txt").read_text().splitlines())
+    }
+    k = 2
+    rows = reviews_from_sequences(sequences, k)
+    path = write_lines(tmp_path / "reviews.json.gz", [json.dumps(r) for r in rows])
+    result = convert_amazon.convert(path, tmp_path / "out", "s", k=k, keywords=0)
+    expected = naive_k_core([(r["reviewerID"], r["asin"], r["unixReviewTime"]) for r in rows], k)
+    assert not any(u.startswith("NOISE") or i.startswith("NOISE") for u, i in expected)
+    assert result["interactions"] == len(expected) > 30
+    assert result["kcore_rounds"] >= 4
+    check_against(sequences, expected, read_inter(tmp_path / "out" / "s.inter"))
+
+
+@pytest.mark.skipif(not (SHARED / "amazon_sports_5core_2014").is_dir(), reason="shared real data absent")
+def test_5_core_of_the_full_sports_reviews_reproduces_the_s3rec_file(tmp_path):
+    """All of Sports (296,337 reviews) plus noise: the 5-core is exactly the S3-Rec sequences."""
+    src = SHARED / "amazon_sports_5core_2014"
+    maps = json.loads((src / "datamaps.json").read_text())
+    sequences = {
+        maps["id2user"][p[0]]: [maps["id2item"][i] for i in p[1:]]
+        for p in (l.split() for l in (src / "Sports_and_Outdoors.txt").read_text().splitlines()) if p
+    }
+    rows = reviews_from_sequences(sequences, 5, full=False)
+    path = write_lines(tmp_path / "reviews_Sports_and_Outdoors_5.json", [json.dumps(r) for r in rows])
+    result = convert_amazon.convert(path, tmp_path / "out", "sports", k=5, keywords=0)
+    assert (result["users"], result["items"], result["interactions"]) == (35598, 18357, 296337)
+    assert result["kcore_rounds"] >= 4 and result["duplicates_dropped"] == 10
+    all_pairs = {(u, i) for u, seq in sequences.items() for i in seq}
+    check_against(sequences, all_pairs, read_inter(tmp_path / "out" / "sports.inter"))
