@@ -40,13 +40,22 @@ def recbole_model_yaml(model_class) -> Path:
 
 
 def fill_missing_defaults(config) -> None:
-    """Give a RecBole-native config (``run_recbole``, ``HyperTuning``) our REVEAL defaults for keys it lacks."""
+    """Give a RecBole-native config (``run_recbole``, ``HyperTuning``) our defaults for keys it lacks.
+
+    The defaults are those ``Config`` loads (the backbone's RecBole yaml, then ours), later files winning.
+    """
     model_class = get_model(config["model"])
-    for path in reveal_yaml_files(config["model"], model_class):
+    files = reveal_yaml_files(config["model"], model_class)
+    backbone = backbone_of(model_class)
+    if backbone is not None and recbole_model_yaml(backbone).is_file():
+        files.insert(0, recbole_model_yaml(backbone))
+    defaults = {}
+    for path in files:
         with open(path, encoding="utf-8") as handle:
-            for key, value in (yaml.load(handle, Loader=config.yaml_loader) or {}).items():
-                if config[key] is None and key not in config.final_config_dict:
-                    config[key] = value
+            defaults.update(yaml.load(handle, Loader=config.yaml_loader) or {})
+    for key, value in defaults.items():
+        if config[key] is None and key not in config.final_config_dict:
+            config[key] = value
 
 
 class Config(RecBoleConfig):

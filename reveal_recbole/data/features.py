@@ -68,7 +68,7 @@ def read_feature_file(npy_path: Path, items_path: Path) -> tuple[list[str], np.n
             raise FileNotFoundError(f"feature file not found: {path}")
     try:
         array = np.load(npy_path, mmap_mode="r", allow_pickle=False)
-    except ValueError as error:
+    except (ValueError, EOFError) as error:  # EOFError: a zero-byte file
         raise FeatureFileError(f"{npy_path}: not a readable .npy array ({error})") from None
     if array.ndim != 2:
         raise FeatureFileError(f"{npy_path}: expected a 2-D (items, dim) array, got shape {array.shape}")

@@ -1,0 +1,93 @@
+"""Config: RecBole's backbone yaml, then our overall/reveal_base/model/dataset yaml, then user overrides."""
+from pathlib import Path
+
+import pytest
+import recbole
+import yaml
+
+from reveal_recbole import Config
+from reveal_recbole.utils import bundled_datasets_dir, properties_dir
+
+# RecBole rewrites these into per-split / fully spelled-out dicts after loading
+EXPANDED_BY_RECBOLE = ("eval_args", "train_neg_sample_args")
+PROTOCOL_KEYS = ("metrics", "topk", "valid_metric", "seed", "repeatable", "MAX_ITEM_LIST_LENGTH", "load_col")
+
+
+def load_yaml(config, path: Path) -> dict:
+    """Read a yaml file with RecBole's loader (it parses ``1e-12`` as a float, as Config does)."""
+    with open(path, encoding="utf-8") as handle:
+        return yaml.load(handle, Loader=config.yaml_loader) or {}
+
+
+def recbole_yaml(name: str) -> Path:
+    return Path(recbole.__file__).parent / "properties" / "model" / f"{name}.yaml"
+
+
+@pytest.fixture(scope="module")
+def reveal_config():
+    return Config(model="SASRecREVEAL", dataset="scientific")
+
+
+def test_backbone_yaml_keys_are_loaded(reveal_config):
+    backbone = load_yaml(reveal_config, recbole_yaml("SASRec"))
+    assert {"hidden_size", "n_layers", "n_heads", "inner_size", "loss_type"} <= set(backbone)
+    for key, value in backbone.items():
+        assert reveal_config[key] == value, key
+
+
+def test_protocol_from_overall_yaml(reveal_config):
+    assert reveal_config["metrics"] == ["Recall", "NDCG"]
+    assert reveal_config["topk"] == [10, 20]
+    eval_args = reveal_config["eval_args"]
+    assert eval_args["split"] == {"LS": "valid_and_test"}
+    assert eval_args["order"] == "TO"
+    assert eval_args["mode"] in ("full", {"valid": "full", "test": "full"})
+
+
+def test_our_yaml_files_load_in_order(reveal_config):
+    """overall -> reveal_base -> model -> dataset, later files winning, for every key they set."""
+    props = properties_dir()
+    expected = {}
+    for path in (
+        props / "overall.yaml",
+        props / "reveal_base.yaml",
+        props / "model" / "SASRecREVEAL.yaml",
+        props / "dataset" / "scientific.yaml",
+    ):
+        assert path.is_file(), path
+        expected.update(load_yaml(reveal_config, path))
+    assert {"fusion", "modalities", "feature_trainable", "prepare_commands"} <= set(expected)
+    for key, value in expected.items():
+        if key not in EXPANDED_BY_RECBOLE:
+            assert reveal_config[key] == value, key
+    assert reveal_config["train_neg_sample_args"]["distribution"] == "none"  # overall.yaml: no negatives (CE)
+
+
+def test_bundled_data_path_by_default(reveal_config):
+    assert Path(reveal_config["data_path"]) == bundled_datasets_dir() / "scientific"
+    assert (Path(reveal_config["data_path"]) / "scientific.inter").is_file()
+
+
+def test_given_data_path_wins(tmp_path):
+    config = Config(model="SASRecREVEAL", dataset="scientific", config_dict={"data_path": str(tmp_path)})
+    assert Path(config["data_path"]) == tmp_path / "scientific"
+
+
+def test_config_dict_overrides_win():
+    overrides = {"fusion": "gated", "hidden_size": 8, "epochs": 3, "topk": [5], "modalities": ["text"]}
+    config = Config(model="SASRecREVEAL", dataset="scientific", config_dict=overrides)
+    for key, value in overrides.items():
+        assert config[key] == value, key
+
+
+def test_baseline_gets_the_same_protocol(reveal_config):
+    baseline = Config(model="SASRec", dataset="scientific")
+    for key in PROTOCOL_KEYS + ("eval_args", "epochs", "train_batch_size", "learning_rate", "data_path"):
+        assert baseline[key] == reveal_config[key], key
+    assert baseline["fusion"] is None and baseline["modalities"] is None  # no REVEAL keys for a baseline
+    assert baseline["hidden_size"] == load_yaml(baseline, recbole_yaml("SASRec"))["hidden_size"]
+
+
+def test_model_is_required():
+    with pytest.raises(KeyError, match="model"):
+        Config(dataset="scientific")

@@ -1,0 +1,113 @@
+"""Missing or unknown datasets fail at once with what to do, and never reach RecBole's download."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import recbole.data
+import recbole.data.dataset.dataset as recbole_dataset_module
+import yaml
+
+from reveal_recbole import Config
+from reveal_recbole.config import known_datasets
+from reveal_recbole.data import DatasetNotPreparedError, MultimodalSequentialDataset, create_dataset
+from reveal_recbole.utils import PACKAGE_DIR, properties_dir
+
+REPO_ROOT = PACKAGE_DIR.parent
+
+
+@pytest.fixture(autouse=True)
+def no_download(monkeypatch):
+    """Fail the test if anything tries RecBole's download."""
+    def refuse(*args, **kwargs):
+        pytest.fail("RecBole's download was attempted")
+
+    monkeypatch.setattr(recbole_dataset_module, "download_url", refuse)
+    monkeypatch.setattr(recbole_dataset_module.Dataset, "_download", refuse)
+
+
+def prepare_commands(name: str) -> list[str]:
+    with open(properties_dir() / "dataset" / f"{name}.yaml", encoding="utf-8") as handle:
+        return yaml.safe_load(handle)["prepare_commands"]
+
+
+def sports_config(tmp_path, model="SASRecREVEAL"):
+    return Config(
+        model=model, dataset="sports",
+        config_dict={"data_path": str(tmp_path), "checkpoint_dir": str(tmp_path / "saved")},
+    )
+
+
+def expected_missing(tmp_path, multimodal=True) -> list[Path]:
+    folder = tmp_path / "sports"
+    files = [folder / "sports.inter"]
+    if multimodal:
+        files += [folder / f"sports.{m}.{ext}" for m in ("image", "text") for ext in ("npy", "items")]
+    return files
+
+
+@pytest.mark.parametrize(
+    "build",
+    [create_dataset, MultimodalSequentialDataset, recbole.data.create_dataset],
+    ids=["reveal create_dataset", "dataset class", "recbole create_dataset"],
+)
+def test_unprepared_dataset_names_missing_files_and_command(tmp_path, build):
+    with pytest.raises(DatasetNotPreparedError) as excinfo:
+        build(sports_config(tmp_path))
+    message = str(excinfo.value)
+    assert "sports" in message and "not prepared" in message
+    for path in expected_missing(tmp_path):
+        assert str(path) in message
+    for command in prepare_commands("sports"):
+        assert command in message
+    assert isinstance(excinfo.value, FileNotFoundError)
+
+
+def test_baseline_needs_only_the_interactions(tmp_path):
+    with pytest.raises(DatasetNotPreparedError) as excinfo:
+        create_dataset(sports_config(tmp_path, model="SASRec"))
+    message = str(excinfo.value)
+    assert str(expected_missing(tmp_path, multimodal=False)[0]) in message
+    for path in expected_missing(tmp_path)[1:]:
+        assert str(path) not in message
+
+
+def test_only_the_missing_feature_file_is_named(tmp_path):
+    folder = tmp_path / "sports"
+    folder.mkdir()
+    present = expected_missing(tmp_path)
+    for path in present[:-1]:
+        path.write_text("")
+    with pytest.raises(DatasetNotPreparedError) as excinfo:
+        create_dataset(sports_config(tmp_path))
+    message = str(excinfo.value)
+    assert str(present[-1]) in message
+    assert all(str(path) not in message for path in present[:-1])
+
+
+def test_unknown_dataset_lists_known_ones(tmp_path):
+    config = Config(model="SASRecREVEAL", dataset="nosuch", config_dict={"data_path": str(tmp_path)})
+    with pytest.raises(DatasetNotPreparedError) as excinfo:
+        create_dataset(config)
+    message = str(excinfo.value)
+    assert "unknown dataset 'nosuch'" in message
+    known = known_datasets()
+    assert {"scientific", "sports"} <= set(known)
+    assert known["scientific"] == "bundled"
+    for name in known:
+        assert name in message
+
+
+@pytest.mark.parametrize("dataset, expected", [("sports", "not prepared"), ("nosuch", "unknown dataset")])
+def test_cli_exits_with_an_error_message_and_no_traceback(tmp_path, dataset, expected):
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run_reveal.py"), "--model=SASRecREVEAL", f"--dataset={dataset}",
+         f"--data_path={tmp_path}", f"--checkpoint_dir={tmp_path / 'saved'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr[-2000:]
+    assert expected in error_lines[0] and repr(dataset) in error_lines[0]
+    assert not (tmp_path / dataset).exists()  # nothing was downloaded or created
