@@ -4,5 +4,68 @@ Each step of the method is a small function or class in its own module, so the F
 their composition: ``prompt`` (initial prompts), ``extract`` + ``cache`` (prompt-conditioned
 image features, only changed prompts recomputed), ``feedback`` (per-item ranking statistics
 on the validation split), ``select`` (priority and the hard items), ``critic`` (rewritten
-prompts for the hard items).
+prompts for the hard items). Model libraries (transformers) load only when a backend is built.
 """
+from reveal_recbole.fve.cache import FeatureCache, image_digest
+from reveal_recbole.fve.critic import (
+    Critic,
+    CriticReply,
+    CriticRequest,
+    HFChatCritic,
+    OfflineCritic,
+    OpenAICompatibleCritic,
+    build_critic_request,
+    parse_critic_output,
+    sanitize_untrusted,
+)
+from reveal_recbole.fve.extract import (
+    CLIPPromptEncoder,
+    ImageEncoder,
+    ItemImage,
+    VLMPromptEncoder,
+    extract_item_features,
+    missing_image_vector,
+)
+from reveal_recbole.fve.feedback import RankFeedback, collect_valid_feedback, rank_feedback
+from reveal_recbole.fve.prompt import DEFAULT_TEMPLATE, build_prompt, item_category, review_keywords
+from reveal_recbole.fve.select import (
+    OVER_RANKED_NEGATIVE,
+    UNDER_RANKED_POSITIVE,
+    feedback_type,
+    observed_items,
+    priority,
+    select_hard_items,
+)
+
+__all__ = [
+    "CLIPPromptEncoder",
+    "Critic",
+    "CriticReply",
+    "CriticRequest",
+    "DEFAULT_TEMPLATE",
+    "FeatureCache",
+    "HFChatCritic",
+    "ImageEncoder",
+    "ItemImage",
+    "OVER_RANKED_NEGATIVE",
+    "OfflineCritic",
+    "OpenAICompatibleCritic",
+    "RankFeedback",
+    "UNDER_RANKED_POSITIVE",
+    "VLMPromptEncoder",
+    "build_critic_request",
+    "build_prompt",
+    "collect_valid_feedback",
+    "extract_item_features",
+    "feedback_type",
+    "image_digest",
+    "item_category",
+    "missing_image_vector",
+    "observed_items",
+    "parse_critic_output",
+    "priority",
+    "rank_feedback",
+    "review_keywords",
+    "sanitize_untrusted",
+    "select_hard_items",
+]

@@ -1,0 +1,282 @@
+"""FVE step 2: prompt-conditioned image features for every item, recomputing only cache misses.
+
+An :class:`ImageEncoder` maps (image, prompt) pairs to L2-normalised vectors. Backends:
+
+- :class:`VLMPromptEncoder`: the paper's extractor. A vision-language model (Qwen2.5-VL) reads
+  the image and the prompt; the feature is the mean of the last hidden states at the
+  image-token positions, so the prompt shapes the image tokens through attention.
+- :class:`CLIPPromptEncoder`: a light CPU-friendly variant. CLIP's patch tokens are projected
+  into the joint space and pooled with weights softmax(similarity to the prompt's text
+  embedding), so the prompt chooses which regions of the image the feature describes.
+
+:func:`extract_item_features` runs an encoder over a catalogue in batches, reading unchanged
+(image, prompt, encoder) triples from a :class:`~reveal_recbole.fve.cache.FeatureCache`.
+"""
+from __future__ import annotations
+
+import abc
+import hashlib
+import importlib.util
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from reveal_recbole.fve.cache import FeatureCache, image_digest
+
+logger = logging.getLogger(__name__)
+
+
+class ImageEncoder(abc.ABC):
+    """Encodes images under prompts. ``name`` identifies model, revision and pooling in cache keys."""
+
+    name: str
+    dim: int
+
+    @abc.abstractmethod
+    def encode(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
+        """``(len(images), dim)`` float32 rows of unit L2 norm, row ``i`` for ``images[i]`` under ``prompts[i]``."""
+
+
+def text_guided_pooling(patch_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: float) -> torch.Tensor:
+    """Pool patches ``(B, P, D)`` with softmax(scale * cos(patch, text)) weights; ``text_embeds`` is ``(B, D)``.
+
+    Returns the L2-normalised weighted mean ``(B, D)``. ``scale`` is an inverse temperature
+    (CLIP's learned ``logit_scale.exp()``): larger values focus on fewer patches.
+    """
+    similarity = torch.einsum("bpd,bd->bp", F.normalize(patch_embeds, dim=-1), F.normalize(text_embeds, dim=-1))
+    weights = torch.softmax(scale * similarity, dim=1)
+    return F.normalize(torch.einsum("bp,bpd->bd", weights, patch_embeds), dim=-1)
+
+
+def _pooled(output) -> torch.Tensor:
+    """``get_text_features`` returns a tensor in transformers 4 and an output object in 5."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class CLIPPromptEncoder(ImageEncoder):
+    """CLIP patch tokens pooled by their similarity to the prompt (see :func:`text_guided_pooling`).
+
+    Patch tokens (the vision tower's last hidden states without the class token) go through
+    the same ``post_layernorm`` and ``visual_projection`` as CLIP's pooled image embedding, so
+    they live in the space of the prompt's text embedding.
+    """
+
+    POOLING = "clip-text-guided-patches-v1"
+
+    def __init__(self, model, image_processor, tokenizer, name: str, device: str | torch.device = "cpu"):
+        self.model = model.eval().to(device)
+        self.image_processor, self.tokenizer, self.device = image_processor, tokenizer, torch.device(device)
+        self.name = f"{self.POOLING}:{name}"
+        self.dim = model.config.projection_dim
+        self.max_text_length = model.config.text_config.max_position_embeddings
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, revision: str | None = None, device: str = "cpu") -> CLIPPromptEncoder:
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+        model = CLIPModel.from_pretrained(name_or_path, revision=revision)
+        image_processor = AutoImageProcessor.from_pretrained(name_or_path, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        return cls(model, image_processor, tokenizer, name=f"{name_or_path}@{revision or 'default'}", device=device)
+
+    @torch.no_grad()
+    def encode(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
+        text = self.tokenizer(
+            prompts, padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"
+        ).to(self.device)
+        text_embeds = _pooled(
+            self.model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
+        )
+        vision = self.model.vision_model(pixel_values=pixel_values)
+        patches = self.model.visual_projection(self.model.vision_model.post_layernorm(vision.last_hidden_state[:, 1:]))
+        pooled = text_guided_pooling(patches, text_embeds, float(self.model.logit_scale.exp()))
+        return pooled.float().cpu().numpy()
+
+
+def mean_over_image_tokens(hidden: torch.Tensor, input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """Mean of ``hidden`` ``(B, T, D)`` over the positions where ``input_ids == image_token_id``, L2-normalised.
+
+    Rows may hold different numbers of image tokens (images of different sizes); a row without
+    any is an error, since its feature would silently be zero.
+    """
+    mask = (input_ids == image_token_id).to(hidden.dtype).unsqueeze(-1)
+    counts = mask.sum(dim=1)
+    if (counts == 0).any():
+        rows = torch.nonzero(counts.squeeze(-1) == 0).flatten().tolist()
+        raise ValueError(f"no image tokens (id {image_token_id}) in rows {rows}")
+    return F.normalize((hidden * mask).sum(dim=1) / counts, dim=-1)
+
+
+class VLMPromptEncoder(ImageEncoder):
+    """The paper's extractor: a vision-language model reads image + prompt; the feature is
+    :func:`mean_over_image_tokens` of its last hidden states.
+
+    The prompt comes *before* the image in the message. The decoder is causal: image tokens
+    attend only to earlier tokens, so in the usual image-then-text order their hidden states,
+    and hence the feature, would not depend on the prompt at all.
+
+    Built for Qwen2.5-VL (its processor expands the image placeholder into one token per
+    merged patch); any model whose processor does the same and whose config names
+    ``image_token_id`` works. Only the decoder's hidden states are computed, not the
+    vocabulary logits. transformers' Qwen2.5-VL processor needs torchvision.
+    """
+
+    POOLING = "vlm-mean-image-tokens-v1"
+
+    def __init__(self, model, processor, name: str):
+        self.model, self.processor = model.eval(), processor
+        self.name = f"{self.POOLING}:{name}"
+        self.image_token_id = int(model.config.image_token_id)
+        text_config = getattr(model.config, "text_config", model.config)
+        self.dim = int(text_config.hidden_size)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str = "Qwen/Qwen2.5-VL-7B-Instruct",
+        revision: str | None = None,
+        load_in_4bit: bool = False,
+        device_map: str | None = "auto",
+        dtype: str = "auto",
+        max_pixels: int | None = None,
+    ) -> VLMPromptEncoder:
+        """Load model and processor by hub name or local path; ``load_in_4bit`` needs bitsandbytes
+        (as the authors ran the 7B model); ``max_pixels`` bounds the image tokens per image."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        quantization = None
+        if load_in_4bit:
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ImportError("load_in_4bit needs bitsandbytes: pip install bitsandbytes (CUDA machines)")
+            from transformers import BitsAndBytesConfig
+
+            quantization = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+            )
+        processor_kwargs = {"max_pixels": max_pixels} if max_pixels else {}
+        processor = AutoProcessor.from_pretrained(name_or_path, revision=revision, **processor_kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(
+            name_or_path, revision=revision, dtype=dtype, device_map=device_map, quantization_config=quantization
+        )
+        suffix = "-4bit" if load_in_4bit else ""
+        return cls(model, processor, name=f"{name_or_path}@{revision or 'default'}{suffix}")
+
+    def messages(self, prompt: str) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "text", "text": prompt}, {"type": "image"}]}]
+
+    @torch.no_grad()
+    def encode(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
+        texts = [self.processor.apply_chat_template(self.messages(p), tokenize=False) for p in prompts]
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt").to(self.model.device)
+        decoder = getattr(self.model, "model", self.model)  # the base model: hidden states without the LM head
+        hidden = decoder(**inputs).last_hidden_state
+        return mean_over_image_tokens(hidden.float(), inputs["input_ids"], self.image_token_id).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class ItemImage:
+    """One item to encode: its token, its current prompt, and its image (a file path, the
+    file's bytes, or None when the item has no image)."""
+
+    token: str
+    prompt: str
+    image: str | os.PathLike | bytes | None
+
+
+def missing_image_vector(token: str, dim: int) -> np.ndarray:
+    """A fixed random unit vector for an item without an image, seeded by the SHA-256 of its token.
+
+    The authors give image-less items a random unit vector; seeding by token keeps it the same
+    across runs, processes and FVE rounds (Python's ``hash`` is salted per process), and
+    different for each item, so the model can still tell them apart.
+    """
+    seed = int.from_bytes(hashlib.sha256(token.encode("utf-8")).digest()[:8], "little")
+    vector = np.random.default_rng(seed).standard_normal(dim)
+    return (vector / np.linalg.norm(vector)).astype(np.float32)
+
+
+def _image_bytes(source: str | os.PathLike | bytes | None) -> bytes | None:
+    if source is None or isinstance(source, bytes):
+        return source
+    try:
+        return Path(source).read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _decode(data: bytes) -> Image.Image | None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def extract_item_features(
+    items: Sequence[ItemImage],
+    encoder: ImageEncoder,
+    cache: FeatureCache | None = None,
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> np.ndarray:
+    """``(len(items), encoder.dim)`` float32 features, row ``i`` for ``items[i]``.
+
+    Cached (image, prompt, encoder) triples are read back; the misses are encoded in batches of
+    ``batch_size`` and stored. Items whose image is absent (None, a missing file, or bytes PIL
+    cannot decode) get :func:`missing_image_vector` and are never cached. Write the result with
+    ``reveal_recbole.data.features.write_item_features(dir, dataset, "image", tokens, features)``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    features = np.empty((len(items), encoder.dim), dtype=np.float32)
+    misses, missing = [], []
+    for row, item in enumerate(items):
+        data = _image_bytes(item.image)
+        if data is None:
+            missing.append(row)
+            continue
+        key = FeatureCache.key(image_digest(data), item.prompt, encoder.name)
+        cached = cache.get(key) if cache is not None else None
+        if cached is None:
+            misses.append((row, key))
+        elif cached.shape != (encoder.dim,):
+            raise ValueError(f"cached feature of shape {cached.shape} for {encoder.name}, of dim {encoder.dim}")
+        else:
+            features[row] = cached
+
+    absent = len(missing)
+    batches = [misses[start:start + batch_size] for start in range(0, len(misses), batch_size)]
+    for batch in tqdm(batches, desc=f"image features ({encoder.name})", disable=not show_progress):
+        decoded = [(row, key, _decode(_image_bytes(items[row].image) or b"")) for row, key in batch]
+        missing.extend(row for row, _, image in decoded if image is None)
+        decoded = [entry for entry in decoded if entry[2] is not None]
+        if not decoded:
+            continue
+        images, prompts = [image for _, _, image in decoded], [items[row].prompt for row, _, _ in decoded]
+        vectors = np.asarray(encoder.encode(images, prompts))
+        if vectors.shape != (len(decoded), encoder.dim) or not np.isfinite(vectors).all():
+            raise ValueError(
+                f"encoder {encoder.name} returned shape {vectors.shape} or non-finite values for {len(decoded)} images"
+            )
+        for (row, key, _), vector in zip(decoded, vectors):
+            features[row] = vector
+            if cache is not None:
+                cache.put(key, vector)
+
+    for row in missing:
+        features[row] = missing_image_vector(items[row].token, encoder.dim)
+    logger.info(
+        "image features: %d items, %d read from cache, %d encoded, %d without a usable image",
+        len(items), len(items) - len(misses) - absent, len(misses) - (len(missing) - absent), len(missing),
+    )
+    return features

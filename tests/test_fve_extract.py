@@ -1,0 +1,257 @@
+"""FVE step 2: prompt-conditioned encoders (tiny random CLIP and Qwen2.5-VL) and cached extraction."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reveal_recbole.data.features import read_feature_file, write_item_features
+from reveal_recbole.fve.cache import FeatureCache
+from reveal_recbole.fve.extract import (
+    CLIPPromptEncoder,
+    ImageEncoder,
+    ItemImage,
+    VLMPromptEncoder,
+    extract_item_features,
+    mean_over_image_tokens,
+    missing_image_vector,
+    text_guided_pooling,
+)
+
+PROMPTS = ["An item image of a glue. Focus on the red nozzle.", "An item image of a mug. Focus on the handle."]
+
+
+def image(seed, size=(32, 32)):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8))
+
+
+def png_bytes(seed, size=(32, 32)):
+    buffer = io.BytesIO()
+    image(seed, size).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def bpe_tokenizer(specials=()):
+    """A byte-level BPE tokenizer trained here on the test prompts (no download); it ends texts with <eos>
+    as CLIP's does, since CLIP's text embedding is read at the end-of-text token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>", *specials],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(PROMPTS, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>")
+
+
+# ---- pooling functions --------------------------------------------------------------------
+
+def test_text_guided_pooling_weights_patches_by_similarity_to_the_prompt():
+    patches = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0]]])
+    focused = text_guided_pooling(patches, torch.tensor([[0.0, 1.0, 0.0]]), scale=100.0)
+    assert focused[0].tolist() == pytest.approx([0.0, 1.0, 0.0], abs=1e-6)
+    uniform = text_guided_pooling(patches, torch.tensor([[0.0, 1.0, 0.0]]), scale=0.0)
+    assert uniform[0].tolist() == pytest.approx((torch.tensor([1.0, 2.0, 3.0]) / 14**0.5).tolist())
+
+
+def test_mean_over_image_tokens_with_different_counts_per_row():
+    hidden = torch.arange(2 * 4 * 2, dtype=torch.float32).view(2, 4, 2)
+    input_ids = torch.tensor([[5, 9, 9, 0], [9, 5, 5, 5]])
+    pooled = mean_over_image_tokens(hidden, input_ids, image_token_id=9)
+    expected = torch.stack([hidden[0, 1:3].mean(0), hidden[1, 0]])
+    assert torch.allclose(pooled, torch.nn.functional.normalize(expected, dim=-1))
+    with pytest.raises(ValueError, match=r"no image tokens \(id 9\) in rows \[1\]"):
+        mean_over_image_tokens(hidden, torch.tensor([[9, 0, 0, 0], [1, 1, 1, 1]]), 9)
+
+
+# ---- CLIP -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tokenizer = bpe_tokenizer()
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8,
+    )
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return CLIPModel(config), processor, tokenizer
+
+
+def test_clip_prompt_encoder(tiny_clip):
+    model, processor, tokenizer = tiny_clip
+    encoder = CLIPPromptEncoder(model, processor, tokenizer, name="tiny-clip")
+    assert encoder.dim == 8 and encoder.name == "clip-text-guided-patches-v1:tiny-clip"
+    images = [image(0), image(0), image(1, (40, 24))]
+    features = encoder.encode(images, [PROMPTS[0], PROMPTS[1], PROMPTS[0] * 5])  # the last is truncated
+    assert features.shape == (3, 8) and features.dtype == np.float32
+    assert np.linalg.norm(features, axis=1) == pytest.approx(np.ones(3), abs=1e-5)
+    assert not np.allclose(features[0], features[1])  # same image, other prompt: other feature
+    assert np.allclose(encoder.encode(images[:1], PROMPTS[:1]), features[:1], atol=1e-6)  # batch-independent
+
+
+def test_clip_prompt_encoder_from_a_local_path(tiny_clip, tmp_path):
+    model, processor, tokenizer = tiny_clip
+    for part in (model, processor, tokenizer):
+        part.save_pretrained(tmp_path)
+    encoder = CLIPPromptEncoder.from_pretrained(str(tmp_path))
+    assert encoder.name == f"clip-text-guided-patches-v1:{tmp_path}@default"
+    reference = CLIPPromptEncoder(model, processor, tokenizer, name="x").encode([image(2)], PROMPTS[:1])
+    assert np.allclose(encoder.encode([image(2)], PROMPTS[:1]), reference, atol=1e-5)
+
+
+# ---- Qwen2.5-VL -----------------------------------------------------------------------------
+
+class QwenLikeProcessor:
+    """The Qwen2.5-VL processor's interface (chat template, one <|image_pad|> per merged patch).
+
+    transformers' own Qwen2_5_VLProcessor also needs a video processor, which needs torchvision
+    (not installed here); the image processor and the token expansion below are the real logic.
+    """
+
+    image_token = "<|image_pad|>"
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}"
+                "{% endif %}{% endfor %}<|im_end|>\n{% endfor %}")
+
+    def __init__(self, image_processor, tokenizer):
+        self.image_processor, self.tokenizer = image_processor, tokenizer
+
+    def apply_chat_template(self, messages, tokenize=False):
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=tokenize)
+
+    def __call__(self, text, images, padding=True, return_tensors="pt"):
+        image_inputs = self.image_processor(images=images, return_tensors=return_tensors)
+        counts = (image_inputs["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2).tolist()
+        text = [t.replace(self.image_token, self.image_token * n) for t, n in zip(text, counts)]
+        encoded = self.tokenizer(text, padding=padding, return_tensors=return_tensors)
+        encoded.update(image_inputs)
+        return encoded
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    specials = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+    tokenizer = bpe_tokenizer(specials)
+    ids = dict(zip(specials, tokenizer.convert_tokens_to_ids(specials)))
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=8,
+                           fullatt_block_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    image_processor = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                            min_pixels=16 * 16, max_pixels=32 * 32)
+    return Qwen2_5_VLForConditionalGeneration(config), QwenLikeProcessor(image_processor, tokenizer)
+
+
+def test_vlm_prompt_encoder_with_a_tiny_qwen2_5_vl(tiny_qwen):
+    model, processor = tiny_qwen
+    encoder = VLMPromptEncoder(model, processor, name="tiny-qwen")
+    assert encoder.dim == 32 and encoder.name == "vlm-mean-image-tokens-v1:tiny-qwen"
+    assert [part["type"] for part in encoder.messages("p")[0]["content"]] == ["text", "image"]  # prompt first
+    images = [image(0), image(0), image(1, (20, 28))]  # different sizes: different image-token counts
+    features = encoder.encode(images, [PROMPTS[0], PROMPTS[1], PROMPTS[0]])
+    assert features.shape == (3, 32)
+    assert np.linalg.norm(features, axis=1) == pytest.approx(np.ones(3), abs=1e-5)
+    assert not np.allclose(features[0], features[1])  # the prompt changes the image tokens' states
+
+
+def test_vlm_4bit_needs_bitsandbytes(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a)
+    )
+    with pytest.raises(ImportError, match="bitsandbytes"):
+        VLMPromptEncoder.from_pretrained("/nonexistent/model", load_in_4bit=True)
+
+
+# ---- extraction with the cache --------------------------------------------------------------
+
+class CountingEncoder(ImageEncoder):
+    """Feature = normalised (mean pixel, prompt length, 1, 1); records every encode call."""
+
+    name, dim = "counting-v1", 4
+
+    def __init__(self):
+        self.calls = []
+
+    def encode(self, images, prompts):
+        self.calls.append(list(prompts))
+        rows = [[np.asarray(i, dtype=float).mean(), len(p), 1.0, 1.0] for i, p in zip(images, prompts)]
+        rows = np.asarray(rows)
+        return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_missing_image_vector_is_fixed_per_token():
+    first, again = missing_image_vector("B001", 16), missing_image_vector("B001", 16)
+    other = missing_image_vector("B002", 16)
+    assert np.array_equal(first, again) and not np.allclose(first, other)
+    assert np.linalg.norm(first) == pytest.approx(1.0) and first.dtype == np.float32
+
+
+def test_extract_item_features_computes_only_cache_misses(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes(0))
+    (tmp_path / "a_copy.png").write_bytes(png_bytes(0))
+    items = [
+        ItemImage("A", "prompt a", tmp_path / "a.png"),
+        ItemImage("B", "prompt b", png_bytes(1)),
+        ItemImage("C", "prompt c", None),
+        ItemImage("D", "prompt d", tmp_path / "absent.png"),
+        ItemImage("E", "prompt e", b"not an image"),
+        ItemImage("F", "prompt f", str(tmp_path / "a_copy.png")),
+    ]
+    cache, encoder = FeatureCache(tmp_path / "cache"), CountingEncoder()
+    features = extract_item_features(items, encoder, cache, batch_size=2, show_progress=False)
+    assert encoder.calls == [["prompt a", "prompt b"], ["prompt f"]]  # E fails to decode in the second batch
+    assert (cache.hits, cache.misses) == (0, 4)
+    for row, token in [(2, "C"), (3, "D"), (4, "E")]:
+        assert np.array_equal(features[row], missing_image_vector(token, 4))
+    assert np.linalg.norm(features, axis=1) == pytest.approx(np.ones(6))
+
+    encoder.calls.clear()
+    again = extract_item_features(items, encoder, FeatureCache(tmp_path / "cache"), show_progress=False)
+    assert encoder.calls == [] and np.array_equal(again, features)
+
+    changed = list(items)
+    changed[1] = ItemImage("B", "a rewritten prompt", png_bytes(1))
+    changed[5] = ItemImage("F", "prompt a", tmp_path / "a_copy.png")  # same bytes and prompt as A: a hit
+    cache = FeatureCache(tmp_path / "cache")
+    updated = extract_item_features(changed, encoder, cache, show_progress=False)
+    assert encoder.calls == [["a rewritten prompt"]] and (cache.hits, cache.misses) == (2, 2)  # E: a miss again
+    assert np.array_equal(updated[5], features[0]) and not np.array_equal(updated[1], features[1])
+
+    assert np.array_equal(extract_item_features(items, CountingEncoder(), None, show_progress=False), features)
+    with pytest.raises(ValueError, match="batch_size"):
+        extract_item_features(items, encoder, batch_size=0)
+
+
+def test_extract_with_tiny_clip_writes_a_feature_file(tiny_clip, tmp_path):
+    model, processor, tokenizer = tiny_clip
+    encoder = CLIPPromptEncoder(model, processor, tokenizer, name="tiny-clip")
+    items = [ItemImage("B00A", PROMPTS[0], png_bytes(3)), ItemImage("B00B", PROMPTS[1], None)]
+    features = extract_item_features(items, encoder, FeatureCache(tmp_path / "cache"), show_progress=False)
+    write_item_features(tmp_path, "tiny", "image", [i.token for i in items], features)
+    tokens, array = read_feature_file(tmp_path / "tiny.image.npy", tmp_path / "tiny.image.items")
+    assert tokens == ["B00A", "B00B"] and np.allclose(array, features)
