@@ -167,6 +167,11 @@ class FailingCritic(ChatCritic):
 def test_backend_error_keeps_old_prompt():
     reply = FailingCritic().critique(request())
     assert not reply.accepted and reply.prompt == OLD and "connection refused" in reply.reason
+    long_prompt = "An item image of a glue. Item name: " + "very long title " * 40 + "\x1b[2J."
+    long_request = build_critic_request("i", long_prompt, [], FEEDBACK, UNDER_RANKED_POSITIVE)
+    assert FailingCritic().critique(long_request).prompt == long_prompt  # verbatim, not the capped display
+    shown = long_request.messages()[1]["content"]
+    assert "\x1b" not in shown and "..." in shown
 
 
 class CannedServer:

@@ -103,6 +103,8 @@ def test_rank_feedback_errors():
         rank_feedback([torch.tensor([[0.0, float("nan")]])], [torch.tensor([1])])
     with pytest.raises(ValueError, match="at least one batch"):
         rank_feedback([], [])
+    with pytest.raises(ValueError, match="different lengths"):
+        rank_feedback([torch.zeros(2, 3)], [])
     with pytest.raises(ValueError, match="one target per row"):
         rank_feedback([torch.zeros(2, 3)], [torch.tensor([1])])
 

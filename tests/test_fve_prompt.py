@@ -6,6 +6,7 @@ from reveal_recbole.fve.prompt import (
     build_prompt,
     check_template,
     item_category,
+    keyword_text,
     review_keywords,
 )
 
@@ -77,3 +78,9 @@ def test_review_keywords_tf_idf_values():
     assert review_keywords(["alpha alpha beta", "beta gamma"], top_k=3) == [["alpha", "beta"], ["gamma", "beta"]]
     with pytest.raises(ValueError):
         review_keywords(["x"], top_k=0)
+
+
+def test_keyword_text_falls_back_to_the_description():
+    assert keyword_text(["Great nozzle", "  "], "A glue.") == ["Great nozzle"]
+    assert keyword_text([], "A glue.") == ["A glue."]
+    assert keyword_text(None, "") == []

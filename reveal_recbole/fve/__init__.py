@@ -27,7 +27,7 @@ from reveal_recbole.fve.extract import (
     missing_image_vector,
 )
 from reveal_recbole.fve.feedback import RankFeedback, collect_valid_feedback, rank_feedback
-from reveal_recbole.fve.prompt import DEFAULT_TEMPLATE, build_prompt, item_category, review_keywords
+from reveal_recbole.fve.prompt import DEFAULT_TEMPLATE, build_prompt, item_category, keyword_text, review_keywords
 from reveal_recbole.fve.select import (
     OVER_RANKED_NEGATIVE,
     UNDER_RANKED_POSITIVE,
@@ -60,6 +60,7 @@ __all__ = [
     "feedback_type",
     "image_digest",
     "item_category",
+    "keyword_text",
     "missing_image_vector",
     "observed_items",
     "parse_critic_output",

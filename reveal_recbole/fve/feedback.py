@@ -15,8 +15,9 @@ authors' code ranks the test split, which lets the test targets steer which prom
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, fields
-from typing import Iterable
+from typing import Iterable, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ import torch
 # wrong answers at the first one (wrong_top10_rate), whatever K is, as in the paper.
 TOP10, TOP20 = 10, 20
 
-Targets = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+Targets = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -188,8 +189,10 @@ def rank_feedback(
 
     Scores already carry ``-inf`` where items must not be recommended (see the module docstring).
     """
-    accumulator = None
-    for scores, batch_targets in zip(score_batches, targets, strict=True):
+    accumulator, end = None, object()
+    for scores, batch_targets in itertools.zip_longest(score_batches, targets, fillvalue=end):
+        if scores is end or batch_targets is end:
+            raise ValueError("score_batches and targets have different lengths")
         if accumulator is None:
             accumulator = RankFeedbackAccumulator(scores.shape[1], k, exposure_k)
         accumulator.update(scores, batch_targets)

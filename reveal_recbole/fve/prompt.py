@@ -104,11 +104,17 @@ def tokenize(text: str) -> list[str]:
     return [w for w in words if len(w) >= MIN_KEYWORD_LENGTH and w not in STOP_WORDS]
 
 
+def keyword_text(reviews: Sequence[str] | None, description: str = "") -> list[str]:
+    """The document keywords come from: the item's non-empty reviews, else its description."""
+    texts = [review for review in reviews or () if review and review.strip()]
+    return texts or ([description] if description and description.strip() else [])
+
+
 def review_keywords(texts: Sequence[str | Sequence[str]], top_k: int = 5) -> list[list[str]]:
     """TF-IDF keywords per item, the document of item ``i`` being ``texts[i]``.
 
     Each document is an item's reviews (a string or a list of review strings), or its
-    description when it has none. Method, over unigrams from :func:`tokenize`:
+    description when it has none (:func:`keyword_text`). Method, over unigrams from :func:`tokenize`:
 
     - tf(t, d) = count of t in d / number of terms in d;
     - idf(t) = ln((1 + N) / (1 + df(t))) + 1 (smoothed, as scikit-learn's), N = number of items;
