@@ -2,10 +2,12 @@
 
     python run_reveal.py --model=SASRecREVEAL --dataset=scientific
     python run_reveal.py --model=SASRec,SASRecREVEAL --dataset=scientific   # side-by-side table
+    python run_reveal.py --model="SASRec,SASRecREVEAL[avl=False],SASRecREVEAL" --seeds=2020,2021,2022
 
 Unknown ``--key=value`` arguments are RecBole config overrides (e.g. ``--epochs=50``).
 """
 import argparse
+import re
 import sys
 
 from reveal_recbole.data import DatasetNotPreparedError, FeatureFileError
@@ -17,15 +19,17 @@ if __name__ == "__main__":
     parser.add_argument("--model", "-m", default="SASRecREVEAL", help="model name, or a comma-separated list to compare")
     parser.add_argument("--dataset", "-d", default="scientific", help="dataset name")
     parser.add_argument("--config_files", default=None, help="space-separated yaml config files")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds: compare runs every model once per seed")
     parser.add_argument("--output_dir", default="results", help="where --model=A,B writes its comparison table")
     args, _ = parser.parse_known_args()
 
     config_files = args.config_files.split() if args.config_files else None
-    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    models = [m.strip() for m in re.split(r",(?![^\[]*\])", args.model) if m.strip()]
     try:
-        if len(models) == 1:
+        if len(models) == 1 and args.seeds is None and "[" not in models[0]:
             run_reveal(model=models[0], dataset=args.dataset, config_file_list=config_files)
         else:
-            compare(models, args.dataset, config_file_list=config_files, output_dir=args.output_dir)
+            seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+            compare(models, args.dataset, seeds, config_file_list=config_files, output_dir=args.output_dir)
     except (DatasetNotPreparedError, FeatureFileError, UnknownModelError) as error:
         sys.exit(f"error: {error}")

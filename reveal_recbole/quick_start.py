@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import csv
 import io
+import re
+import statistics
 import sys
 import time
 from logging import getLogger
 from pathlib import Path
 
 import torch
+import yaml
 from recbole.data import data_preparation
 from recbole.data.transform import construct_transform
 from recbole.utils import get_flops, init_logger, init_seed, set_color
@@ -42,9 +45,11 @@ def run_reveal(model=None, dataset=None, config_file_list=None, config_dict=None
     logger.info(set_color("FLOPs", "blue") + f": {flops}")
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    start = time.perf_counter()
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
     )
+    train_seconds = time.perf_counter() - start
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
 
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
@@ -54,6 +59,9 @@ def run_reveal(model=None, dataset=None, config_file_list=None, config_dict=None
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": best_valid_result,
         "test_result": test_result,
+        "seed": config["seed"],
+        "epochs": len(trainer.train_loss_dict),
+        "train_seconds": train_seconds,
     }
     if config["visual_utilisation"] and getattr(model.item_embedding, "modalities", ()):
         result["utilisation"] = report_utilisation(config, trainer, test_data, saved)
@@ -107,16 +115,60 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
     }
 
 
-def comparison_table(results: dict[str, dict], metrics=REPORT_METRICS) -> list[list[str]]:
-    """Rows of model, test metrics and train time, best value per metric marked with ``*``."""
-    best = {m: max(float(r["test_result"].get(m, float("-inf"))) for r in results.values()) for m in metrics}
-    rows = [["model", *metrics, "train_s"]]
-    for name, result in results.items():
-        cells = []
+def parse_model_spec(spec: str) -> tuple[str, dict]:
+    """``"SASRecREVEAL[avl=False,fusion=gated]"`` -> ``("SASRecREVEAL", {"avl": False, "fusion": "gated"})``."""
+    match = re.fullmatch(r"\s*([A-Za-z0-9_]+)\s*(?:\[(.*)\])?\s*", spec)
+    if match is None:
+        raise ValueError(f"bad model spec {spec!r}: expected Name or Name[key=value,...]")
+    overrides = {}
+    for pair in filter(None, (match.group(2) or "").split(",")):
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"bad override {pair!r} in model spec {spec!r}: expected key=value")
+        overrides[key.strip()] = yaml.safe_load(value.strip())
+    return match.group(1), overrides
+
+
+def summarise(results: dict[str, list[dict]], metrics=REPORT_METRICS) -> list[dict]:
+    """Mean and sample std over seeds of each test metric, seconds per epoch, and utilisation drops."""
+    summary = []
+    for label, runs in results.items():
+        row = {"model": label, "seeds": len(runs)}
         for metric in metrics:
-            value = float(result["test_result"].get(metric, float("nan")))
-            cells.append(f"{value:.4f}" + ("*" if value == best[metric] else ""))
-        rows.append([name, *cells, f"{result.get('train_seconds', float('nan')):.1f}"])
+            values = [float(r["test_result"][metric]) for r in runs]
+            row[metric] = statistics.fmean(values)
+            row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        row["s_per_epoch"] = statistics.fmean(r["train_seconds"] / max(r["epochs"], 1) for r in runs)
+        for modality in ("image", "text"):
+            drops = [r["utilisation"]["drop"][modality]["ndcg@10"] for r in runs if modality in r.get("utilisation", {}).get("drop", {})]
+            row[f"{modality}_masked_drop_ndcg@10"] = statistics.fmean(drops) if drops else None
+        summary.append(row)
+    return summary
+
+
+def relative_improvement(summary: list[dict], metric: str) -> dict[str, float]:
+    """For each ``XREVEAL[...]`` row, its relative gain in ``metric`` over the row named ``X``."""
+    by_label = {row["model"]: row for row in summary}
+    gains = {}
+    for row in summary:
+        name, _ = parse_model_spec(row["model"])
+        backbone = by_label.get(name[: -len("REVEAL")]) if name.endswith("REVEAL") else None
+        if backbone and backbone[metric] > 0:
+            gains[row["model"]] = row[metric] / backbone[metric] - 1.0
+    return gains
+
+
+def comparison_table(summary: list[dict], metrics=REPORT_METRICS) -> list[list[str]]:
+    """Markdown/CSV rows: mean +- std per metric (best mean marked ``*``), gain over the backbone, cost."""
+    best = {m: max(row[m] for row in summary) for m in metrics}
+    gains = {m: relative_improvement(summary, m) for m in ("ndcg@10", "recall@20")}
+    rows = [["model", "seeds", *metrics, "NDCG@10 vs backbone", "Recall@20 vs backbone",
+             "image-masked drop NDCG@10", "text-masked drop NDCG@10", "s/epoch"]]
+    for row in summary:
+        cells = [f"{row[m]:.4f} ± {row[m + '_std']:.4f}" + ("*" if row[m] == best[m] else "") for m in metrics]
+        gain_cells = [f"{gains[m][row['model']]:+.1%}" if row["model"] in gains[m] else "" for m in gains]
+        drops = [f"{row[k]:.4f}" if row[k] is not None else "" for k in ("image_masked_drop_ndcg@10", "text_masked_drop_ndcg@10")]
+        rows.append([row["model"], str(row["seeds"]), *cells, *gain_cells, *drops, f"{row['s_per_epoch']:.1f}"])
     return rows
 
 
@@ -126,20 +178,33 @@ def markdown_table(rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare(models, dataset, config_file_list=None, config_dict=None, output_dir="results", saved=True):
-    """Run each model on the same dataset, config, split and seed; print and save one test-metric table."""
-    results = {}
-    for model in models:
-        start = time.perf_counter()
-        results[model] = run_reveal(model, dataset, config_file_list, dict(config_dict or {}), saved=saved)
-        results[model]["train_seconds"] = time.perf_counter() - start
-    rows = comparison_table(results)
-    output = Path(output_dir)
-    stem = output / f"compare-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+def compare(models, dataset, seeds=None, config_file_list=None, config_dict=None, output_dir="results", saved=True):
+    """Run each model spec (``Name`` or ``Name[key=value,...]``) for each seed on one dataset and config.
+
+    Every model sees the same data, leave-one-out split and seed list. Writes
+    ``compare-<dataset>-<time>.md`` / ``.csv`` (the summary) and ``-runs.csv`` (one row per run).
+    """
+    results: dict[str, list[dict]] = {}
+    run_rows = [["model", "seed", *REPORT_METRICS, "epochs", "train_seconds"]]
+    for spec in models:
+        model, overrides = parse_model_spec(spec)
+        for seed in seeds or [None]:  # None: the configured seed
+            settings = dict(config_dict or {}) | overrides | ({} if seed is None else {"seed": seed})
+            result = run_reveal(model, dataset, config_file_list, settings, saved=saved)
+            results.setdefault(spec, []).append(result)
+            run_rows.append([spec, result["seed"], *(result["test_result"][m] for m in REPORT_METRICS),
+                             result["epochs"], f"{result['train_seconds']:.1f}"])
+    rows = comparison_table(summarise(results))
+    stem = Path(output_dir) / f"compare-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     atomic_write_text(stem.with_suffix(".md"), markdown_table(rows))
+    atomic_write_text(stem.with_suffix(".csv"), csv_text(rows))
+    atomic_write_text(stem.with_name(stem.name + "-runs.csv"), csv_text(run_rows))
+    print(markdown_table(rows))
+    print(f"saved {stem.with_suffix('.md')}, {stem.with_suffix('.csv')} and {stem.name}-runs.csv")
+    return results, rows
+
+
+def csv_text(rows) -> str:
     buffer = io.StringIO()
     csv.writer(buffer).writerows(rows)
-    atomic_write_text(stem.with_suffix(".csv"), buffer.getvalue())
-    print(markdown_table(rows))
-    print(f"saved {stem.with_suffix('.md')} and {stem.with_suffix('.csv')}")
-    return results, rows
+    return buffer.getvalue()

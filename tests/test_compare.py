@@ -46,19 +46,24 @@ def run_compare(tiny_config, output_dir, monkeypatch):
 def test_compare_writes_one_table_of_both_models(compared):
     results, rows, output_dir, _ = compared
     assert list(results) == MODELS
-    for result in results.values():
-        assert_report_metrics(result["test_result"])
-        assert result["train_seconds"] > 0
+    for runs in results.values():
+        assert len(runs) == 1
+        assert_report_metrics(runs[0]["test_result"])
+        assert runs[0]["train_seconds"] > 0 and runs[0]["epochs"] == 1
 
-    md_files, csv_files = list(output_dir.glob("*.md")), list(output_dir.glob("*.csv"))
+    md_files = list(output_dir.glob("*.md"))
+    csv_files = [f for f in output_dir.glob("*.csv") if not f.stem.endswith("-runs")]
     assert len(md_files) == 1 and len(csv_files) == 1
     assert md_files[0].stem == csv_files[0].stem and "scientific" in md_files[0].stem
+    with open(output_dir / f"{csv_files[0].stem}-runs.csv", newline="", encoding="utf-8") as handle:
+        assert [row[:2] for row in list(csv.reader(handle))[1:]] == [[m, "2020"] for m in MODELS]
 
     with open(csv_files[0], newline="", encoding="utf-8") as handle:
         table = list(csv.reader(handle))
     assert table == rows
     header, body = table[0], table[1:]
-    assert header[: 1 + len(REPORT_METRICS)] == ["model", *REPORT_METRICS]
+    assert header[: 2 + len(REPORT_METRICS)] == ["model", "seeds", *REPORT_METRICS]
+    assert [row[1] for row in body] == ["1", "1"]
     assert [row[0] for row in body] == MODELS
 
     markdown = md_files[0].read_text(encoding="utf-8").splitlines()
@@ -66,12 +71,14 @@ def test_compare_writes_one_table_of_both_models(compared):
     assert [line.split("|")[1].strip() for line in markdown[2:]] == MODELS
     assert len(markdown) == 2 + len(MODELS)
 
-    for column, metric in enumerate(REPORT_METRICS, start=1):
-        values = [float(row[column].rstrip("*")) for row in body]
+    for column, metric in enumerate(REPORT_METRICS, start=2):
+        means = [float(row[column].rstrip("*").split(" ± ")[0]) for row in body]
         for row, model in zip(body, MODELS):
-            # the table shows the run's own value, marked when it is the column's best
-            assert float(row[column].rstrip("*")) == pytest.approx(float(results[model]["test_result"][metric]), abs=5e-5)
-            assert row[column].endswith("*") == (float(row[column].rstrip("*")) == max(values)), (metric, row)
+            # one seed: the table shows the run's own value (std 0), marked when it is the column's best
+            mean, std = row[column].rstrip("*").split(" ± ")
+            assert float(mean) == pytest.approx(float(results[model][0]["test_result"][metric]), abs=5e-5)
+            assert float(std) == 0.0
+            assert row[column].endswith("*") == (float(mean) == max(means)), (metric, row)
         assert any(row[column].endswith("*") for row in body)
 
 
@@ -82,3 +89,44 @@ def test_compare_gives_every_model_the_same_split(compared):
     for part in ("train", "valid", "test"):
         for left, right in zip(baseline[part], reveal[part]):
             assert torch.equal(left, right), part
+
+
+def fake_run(ndcg10: float, recall20: float) -> dict:
+    test = {"recall@10": recall20 / 2, "recall@20": recall20, "ndcg@10": ndcg10, "ndcg@20": ndcg10 * 1.2}
+    return {"test_result": test, "train_seconds": 10.0, "epochs": 5,
+            "utilisation": {"drop": {"image": {"ndcg@10": 0.01}, "text": {"ndcg@10": 0.02}}}}
+
+
+def test_summary_over_seeds_marks_best_and_gain_over_backbone():
+    results = {
+        "SASRec": [fake_run(0.070, 0.19), fake_run(0.074, 0.20)],
+        "SASRecREVEAL[avl=False]": [fake_run(0.080, 0.21), fake_run(0.084, 0.23)],
+        "GRU4Rec": [fake_run(0.050, 0.14), fake_run(0.052, 0.15)],
+    }
+    summary = quick_start.summarise(results)
+    assert summary[0]["ndcg@10"] == pytest.approx(0.072)
+    assert summary[0]["ndcg@10_std"] == pytest.approx(0.004 / 2 ** 0.5)
+    assert summary[1]["s_per_epoch"] == pytest.approx(2.0)
+    rows = quick_start.comparison_table(summary)
+    header, body = rows[0], rows[1:]
+    ndcg = header.index("ndcg@10")
+    assert [row[ndcg].endswith("*") for row in body] == [False, True, False]
+    gain = body[1][header.index("NDCG@10 vs backbone")]
+    assert gain == f"{0.082 / 0.072 - 1:+.1%}"
+    assert body[0][header.index("NDCG@10 vs backbone")] == ""  # a baseline has no backbone
+    assert body[2][header.index("image-masked drop NDCG@10")] == "0.0100"
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [("SASRec", ("SASRec", {})), ("SASRecREVEAL[avl=False, fusion=gated]", ("SASRecREVEAL", {"avl": False, "fusion": "gated"})),
+     ("NARMREVEAL[avl_alpha=0.5]", ("NARMREVEAL", {"avl_alpha": 0.5}))],
+)
+def test_parse_model_spec(spec, expected):
+    assert quick_start.parse_model_spec(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["SASRec[avl]", "SAS Rec", "SASRec[=1]"])
+def test_parse_model_spec_rejects_bad_specs(spec):
+    with pytest.raises(ValueError, match="spec"):
+        quick_start.parse_model_spec(spec)
