@@ -24,37 +24,45 @@ def backbone_of(model_class) -> type | None:
     return getattr(model_class, "backbone", None)
 
 
-def reveal_yaml_files(model_name: str, model_class) -> list[Path]:
-    """Our yaml files for a model, in load order (files that do not exist are skipped)."""
-    props = properties_dir()
-    files = [props / "overall.yaml"]
-    if backbone_of(model_class) is not None:
-        files += [props / "reveal_base.yaml", props / "model" / f"{model_name}.yaml"]
-    return [f for f in files if f.is_file()]
-
-
 def recbole_model_yaml(model_class) -> Path:
     import recbole
 
     return Path(recbole.__file__).parent / "properties" / "model" / f"{model_class.__name__}.yaml"
 
 
-def fill_missing_defaults(config) -> None:
-    """Give a RecBole-native config (``run_recbole``, ``HyperTuning``) our defaults for keys it lacks.
+def reveal_yaml_files(model_name: str, model_class) -> list[Path]:
+    """The yaml files ``Config`` adds after RecBole's own, in load order (missing files skipped).
 
-    The defaults are those ``Config`` loads (the backbone's RecBole yaml, then ours), later files winning.
+    For ``XREVEAL``: backbone X's RecBole yaml, then ``overall.yaml``, ``reveal_base.yaml`` and
+    ``model/<Model>.yaml``; for any other model just ``overall.yaml``.
+    """
+    props = properties_dir()
+    backbone = backbone_of(model_class)
+    files = [props / "overall.yaml"]
+    if backbone is not None:
+        files = [recbole_model_yaml(backbone), *files, props / "reveal_base.yaml", props / "model" / f"{model_name}.yaml"]
+    return [f for f in files if f.is_file()]
+
+
+def fill_missing_defaults(config) -> None:
+    """Give a RecBole-native config (``run_recbole``, ``HyperTuning``) the defaults ``Config`` would load.
+
+    Our keys fill only where the config lacks them; a backbone key also where RecBole's overall
+    left it ``None`` (e.g. BERT4Rec's ``transform: mask_itemseq``). Later files win, as in ``Config``.
     """
     model_class = get_model(config["model"])
     files = reveal_yaml_files(config["model"], model_class)
     backbone = backbone_of(model_class)
-    if backbone is not None and recbole_model_yaml(backbone).is_file():
-        files.insert(0, recbole_model_yaml(backbone))
+    backbone_keys: set[str] = set()
     defaults = {}
     for path in files:
         with open(path, encoding="utf-8") as handle:
-            defaults.update(yaml.load(handle, Loader=config.yaml_loader) or {})
+            loaded = yaml.load(handle, Loader=config.yaml_loader) or {}
+        if backbone is not None and path == recbole_model_yaml(backbone):
+            backbone_keys = set(loaded)
+        defaults.update(loaded)
     for key, value in defaults.items():
-        if config[key] is None and key not in config.final_config_dict:
+        if key not in config.final_config_dict or (key in backbone_keys and config[key] is None):
             config[key] = value
 
 
@@ -71,9 +79,6 @@ class Config(RecBoleConfig):
 
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
-        backbone = backbone_of(model_class)
-        if backbone is not None and recbole_model_yaml(backbone).is_file():
-            self._update_internal_config_dict(recbole_model_yaml(backbone))
         for path in reveal_yaml_files(model, model_class):
             self._update_internal_config_dict(path)
         dataset_file = properties_dir() / "dataset" / f"{dataset}.yaml"

@@ -154,6 +154,14 @@ def test_truncated_npy_names_the_file(tmp_path):
     assert str(npy_path) in str(excinfo.value)
 
 
+def test_non_utf8_item_tokens_name_the_file(tmp_path):
+    npy_path, items_path = write_pair(tmp_path, TOKENS[:3], _good())
+    items_path.write_bytes(b"A\nB\n\xff\xfe\n")
+    with pytest.raises(FeatureFileError, match="not UTF-8") as excinfo:
+        read_feature_file(npy_path, items_path)
+    assert str(items_path) in str(excinfo.value)
+
+
 @pytest.mark.parametrize("which", [0, 1], ids=[".npy", ".items"])
 def test_missing_file_names_it(tmp_path, which):
     paths = write_pair(tmp_path, TOKENS[:3], _good())

@@ -57,3 +57,14 @@ def test_fill_missing_defaults_later_files_win(tmp_path, tiny_config, monkeypatc
     fill_missing_defaults(config)
     assert config["fusion"] == "gated"
     assert config["feature_dropout"] == pytest.approx(0.3)
+
+
+def test_fill_missing_defaults_gives_bert4rec_its_transform(tiny_config):
+    """RecBole's overall.yaml sets ``transform: ~``; BERT4Rec needs its own ``mask_itemseq``."""
+    from reveal_recbole.model import BERT4RecREVEAL
+
+    config = RecBoleConfig(model=BERT4RecREVEAL, dataset="scientific", config_dict=native_config_dict(tiny_config))
+    assert config["transform"] is None
+    fill_missing_defaults(config)
+    assert config["transform"] == "mask_itemseq"
+    assert config["avl_momentum"] == 0.9

@@ -76,7 +76,10 @@ def read_feature_file(npy_path: Path, items_path: Path) -> tuple[list[str], np.n
         raise FeatureFileError(f"{npy_path}: empty feature array of shape {array.shape}")
     if not np.issubdtype(array.dtype, np.floating):
         raise FeatureFileError(f"{npy_path}: expected a floating-point array, got dtype {array.dtype}")
-    tokens = items_path.read_text(encoding="utf-8").splitlines()
+    try:
+        tokens = items_path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise FeatureFileError(f"{items_path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     if len(tokens) != array.shape[0]:
         raise FeatureFileError(
             f"{items_path}: {len(tokens)} item tokens but {npy_path.name} has {array.shape[0]} rows"

@@ -29,7 +29,8 @@ class REVEALItemEncoder(nn.Module):
 
     Args:
         id_embedding: the backbone's item table; its row count (e.g. BERT4Rec's extra mask
-            token) sets the encoder's; rows without features (padding, mask token) use ID only.
+            token) sets the encoder's; rows beyond the features (the mask token) count as items
+            without a feature. The padding row's output is kept at zero.
         item_features: aligned features per modality (``dataset.item_features``).
         fusion: ``sum`` (ID + modalities), ``concat`` (linear map of the concatenation) or
             ``gated`` (softmax weights over the parts, scored per item by each part's own head).
