@@ -1,0 +1,47 @@
+"""run_hyper.py: RecBole's HyperTuning over our objective_function, on a 2-point space of the tiny set."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_run_hyper():
+    spec = importlib.util.spec_from_file_location("run_hyper", ROOT / "run_hyper.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_params_files_parse():
+    from recbole.trainer import HyperTuning
+
+    for path in sorted((ROOT / "properties" / "hyper").glob("*.hyper")):
+        space = HyperTuning._build_space_from_file(str(path))
+        assert space, path
+    grid = HyperTuning._build_space_from_file(str(ROOT / "properties" / "hyper" / "SASRecREVEAL-grid.hyper"))
+    assert {"fusion", "feature_trainable", "avl_alpha", "learning_rate", "feature_dropout"} <= set(grid)
+
+
+def test_run_hyper_exhaustive_two_points(tiny_config, tmp_path):
+    config_file = tmp_path / "tune.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config | {"model": "SASRecREVEAL", "dataset": "scientific"}))
+    params_file = tmp_path / "two.hyper"
+    params_file.write_text("fusion choice ['sum','gated']\n")
+    output = tmp_path / "hyper.result"
+
+    hp = load_run_hyper().main([
+        f"--config_files={config_file}", f"--params_file={params_file}",
+        f"--output_file={output}", "--algo=exhaustive",
+    ])
+
+    assert len(hp.params2result) == 2
+    text = output.read_text()
+    assert text.count("Valid result:") == 2 and text.count("Test result:") == 2
+    assert "fusion:sum" in text and "fusion:gated" in text
+    for result in hp.params2result.values():
+        assert result["model"] == "SASRecREVEAL"
+        assert 0.0 <= result["test_result"]["ndcg@10"] <= 1.0
