@@ -10,18 +10,20 @@ import argparse
 import re
 import sys
 
-from reveal_recbole.data import DatasetNotPreparedError, FeatureFileError
-from reveal_recbole.quick_start import compare, run_reveal
-from reveal_recbole.utils import UnknownModelError
+import yaml
 
-if __name__ == "__main__":
+from reveal_recbole.errors import UserInputError
+from reveal_recbole.quick_start import compare, run_reveal
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", "-m", default="SASRecREVEAL", help="model name, or a comma-separated list to compare")
     parser.add_argument("--dataset", "-d", default="scientific", help="dataset name")
     parser.add_argument("--config_files", default=None, help="space-separated yaml config files")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds: compare runs every model once per seed")
     parser.add_argument("--output_dir", default="results", help="where --model=A,B writes its comparison table")
-    args, _ = parser.parse_known_args()
+    args, _ = parser.parse_known_args(argv)
 
     config_files = args.config_files.split() if args.config_files else None
     models = [m.strip() for m in re.split(r",(?![^\[]*\])", args.model) if m.strip()]
@@ -31,5 +33,9 @@ if __name__ == "__main__":
         else:
             seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
             compare(models, args.dataset, seeds, config_file_list=config_files, output_dir=args.output_dir)
-    except (DatasetNotPreparedError, FeatureFileError, UnknownModelError) as error:
+    except (UserInputError, yaml.YAMLError) as error:
         sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from reveal_recbole.errors import UnknownModelError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 _UMASK = os.umask(0)
@@ -59,10 +61,6 @@ def register_model(model_class: type, dataset_class: type | None = None, trainer
         _TRAINERS[name] = trainer_class
         setattr(importlib.import_module("recbole.trainer"), f"{name}Trainer", trainer_class)
     return model_class
-
-
-class UnknownModelError(ValueError):
-    """A model name that neither reveal-recbole nor RecBole defines."""
 
 
 def registered_models() -> list[str]:

@@ -6,11 +6,17 @@ from pathlib import Path
 from recbole.data.dataset import SequentialDataset
 
 from reveal_recbole.config import fill_missing_defaults, known_datasets
+from reveal_recbole.errors import ConfigError, DatasetNotPreparedError
 from reveal_recbole.data.features import ItemFeatures, feature_paths, load_item_features
 
 
-class DatasetNotPreparedError(FileNotFoundError):
-    """A dataset whose files are missing; the message names them and the command that makes them."""
+def configured_modalities(config) -> list[str]:
+    """The ``modalities`` key as a list of names (a single name is accepted)."""
+    value = config["modalities"] or []
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, (list, tuple)) or not all(isinstance(m, str) and m for m in value):
+        raise ConfigError(f"modalities must be a list of names such as [image, text], got {config['modalities']!r}")
+    return list(value)
 
 
 def feature_dir(config) -> Path:
@@ -22,7 +28,7 @@ def required_files(config, multimodal: bool) -> list[Path]:
     data_path, name = Path(config["data_path"]), config["dataset"]
     files = [data_path / f"{name}.inter"]
     if multimodal:
-        for modality in config["modalities"] or []:
+        for modality in configured_modalities(config):
             files.extend(feature_paths(feature_dir(config), name, modality))
     return files
 
@@ -59,7 +65,7 @@ class MultimodalSequentialDataset(SequentialDataset):
         self.item_features = load_item_features(
             feature_dir(config),
             config["dataset"],
-            list(config["modalities"] or []),
+            configured_modalities(config),
             self.field2token_id[self.iid_field],
             self.item_num,
             strict=config["strict_feature_items"],

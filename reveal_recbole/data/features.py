@@ -18,13 +18,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from reveal_recbole.errors import FeatureFileError
 from reveal_recbole.utils import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
-
-
-class FeatureFileError(ValueError):
-    """A feature file that cannot be attached to the dataset; the message names file and cause."""
 
 
 @dataclass

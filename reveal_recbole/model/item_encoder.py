@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reveal_recbole.data.features import ItemFeatures
+from reveal_recbole.errors import ConfigError
 
 FUSIONS = ("sum", "concat", "gated")
 MISSING_FEATURE_MODES = ("zero", "learned")
@@ -52,11 +53,11 @@ class REVEALItemEncoder(nn.Module):
     ):
         super().__init__()
         if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+            raise ConfigError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         if missing_feature not in MISSING_FEATURE_MODES:
-            raise ValueError(f"missing_feature must be one of {MISSING_FEATURE_MODES}, got {missing_feature!r}")
+            raise ConfigError(f"missing_feature must be one of {MISSING_FEATURE_MODES}, got {missing_feature!r}")
         if feature_norm not in ("l2", "none"):
-            raise ValueError(f"feature_norm must be 'l2' or 'none', got {feature_norm!r}")
+            raise ConfigError(f"feature_norm must be 'l2' or 'none', got {feature_norm!r}")
         self.id_embedding = id_embedding
         self.num_embeddings = id_embedding.num_embeddings
         self.embedding_dim = id_embedding.embedding_dim

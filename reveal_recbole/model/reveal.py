@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from reveal_recbole.config import fill_missing_defaults
+from reveal_recbole.data.dataset import configured_modalities
 from reveal_recbole.model.item_encoder import REVEALItemEncoder
 
 
@@ -35,7 +36,7 @@ class REVEALRecommender:
         self.register_buffer("avl_running_losses", torch.zeros(3))
 
     def build_item_encoder(self, config, dataset, id_embedding: nn.Embedding) -> REVEALItemEncoder:
-        modalities = list(config["modalities"] or [])
+        modalities = configured_modalities(config)
         available = getattr(dataset, "item_features", None)
         if modalities and available is None:
             raise TypeError(

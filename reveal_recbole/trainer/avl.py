@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from reveal_recbole.errors import ConfigError
+
 CSV_COLUMNS = (
     "epoch", "step", "loss", "loss_v", "loss_t", "mean_v", "mean_t", "k_v", "grad_norm_image", "grad_norm_text",
 )
@@ -83,6 +85,13 @@ def all_reduce_mean(*values: torch.Tensor) -> list[torch.Tensor]:
     return list(stacked / dist.get_world_size())
 
 
+def config_number(config, key: str, kind: type):
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise ConfigError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return kind(value)
+
+
 @dataclass
 class AVLConfig:
     alpha: float = 1.0
@@ -96,16 +105,17 @@ class AVLConfig:
     @classmethod
     def from_config(cls, config) -> "AVLConfig":
         values = dict(
-            alpha=float(config["avl_alpha"]), k_min=float(config["avl_min"]), k_max=float(config["avl_max"]),
-            momentum=None if config["avl_momentum"] is None else float(config["avl_momentum"]),
-            interval=int(config["avl_interval"]),
+            alpha=config_number(config, "avl_alpha", float), k_min=config_number(config, "avl_min", float),
+            k_max=config_number(config, "avl_max", float),
+            momentum=None if config["avl_momentum"] is None else config_number(config, "avl_momentum", float),
+            interval=config_number(config, "avl_interval", int),
         )
         if not 0 < values["k_min"] <= 1 <= values["k_max"]:
-            raise ValueError(f"AVL needs 0 < avl_min <= 1 <= avl_max, got {values['k_min']}, {values['k_max']}")
+            raise ConfigError(f"AVL needs 0 < avl_min <= 1 <= avl_max, got {values['k_min']}, {values['k_max']}")
         if values["interval"] < 1:
-            raise ValueError(f"avl_interval must be >= 1, got {values['interval']}")
+            raise ConfigError(f"avl_interval must be >= 1, got {values['interval']}")
         if values["momentum"] is not None and not 0 <= values["momentum"] < 1:
-            raise ValueError(f"avl_momentum must be in [0, 1) or null, got {values['momentum']}")
+            raise ConfigError(f"avl_momentum must be in [0, 1) or null, got {values['momentum']}")
         return cls(**values)
 
 

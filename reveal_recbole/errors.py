@@ -1,0 +1,21 @@
+"""Errors caused by the user's input: command-line entry points print their message, no traceback."""
+
+
+class UserInputError(Exception):
+    """Bad input (a file, a name, a config value); the message names it and says what to do."""
+
+
+class ConfigError(UserInputError, ValueError):
+    """A config key with a value the package cannot use."""
+
+
+class UnknownModelError(UserInputError, ValueError):
+    """A model name that neither reveal-recbole nor RecBole defines."""
+
+
+class FeatureFileError(UserInputError, ValueError):
+    """A feature file that cannot be attached to the dataset."""
+
+
+class DatasetNotPreparedError(UserInputError, FileNotFoundError):
+    """A dataset whose files are missing; the message names them and the command that makes them."""
