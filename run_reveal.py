@@ -3,6 +3,7 @@
     python run_reveal.py --model=SASRecREVEAL --dataset=scientific
     python run_reveal.py --model=SASRec,SASRecREVEAL --dataset=scientific   # side-by-side table
     python run_reveal.py --model="SASRec,SASRecREVEAL[avl=False],SASRecREVEAL" --seeds=2020,2021,2022
+    python run_reveal.py --model=SASRecREVEAL --dataset=synthetic --fve_rounds=2   # FVE loop (README "FVE")
 
 Unknown ``--key=value`` arguments are RecBole config overrides (e.g. ``--epochs=50``).
 """
@@ -12,7 +13,9 @@ import sys
 
 import yaml
 
+from reveal_recbole.config import Config
 from reveal_recbole.errors import UserInputError
+from reveal_recbole.fve.loop import run_fve
 from reveal_recbole.quick_start import compare, run_reveal
 
 
@@ -28,7 +31,10 @@ def main(argv=None) -> None:
     config_files = args.config_files.split() if args.config_files else None
     models = [m.strip() for m in re.split(r",(?![^\[]*\])", args.model) if m.strip()]
     try:
-        if len(models) == 1 and args.seeds is None and "[" not in models[0]:
+        single = len(models) == 1 and args.seeds is None and "[" not in models[0]
+        if single and (Config(models[0], args.dataset, config_files)["fve_rounds"] or 0) > 0:
+            run_fve(model=models[0], dataset=args.dataset, config_file_list=config_files)
+        elif single:
             run_reveal(model=models[0], dataset=args.dataset, config_file_list=config_files)
         else:
             seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None

@@ -4,7 +4,10 @@ Each step of the method is a small function or class in its own module, so the F
 their composition: ``prompt`` (initial prompts), ``extract`` + ``cache`` (prompt-conditioned
 image features, only changed prompts recomputed), ``feedback`` (per-item ranking statistics
 on the validation split), ``select`` (priority and the hard items), ``critic`` (rewritten
-prompts for the hard items). Model libraries (transformers) load only when a backend is built.
+prompts for the hard items), ``sources`` (item images, metadata and reviews on disk) and
+``loop`` (:func:`run_fve`, the rounds, resumable). ``efficientnet`` is an offline image encoder
+with real weights that does not condition on the prompt. Model libraries (transformers,
+efficientnet) load only when a backend is built.
 """
 from reveal_recbole.fve.cache import FeatureCache, image_digest
 from reveal_recbole.fve.critic import (
@@ -26,7 +29,9 @@ from reveal_recbole.fve.extract import (
     extract_item_features,
     missing_image_vector,
 )
+from reveal_recbole.fve.efficientnet import EfficientNetLiteEncoder
 from reveal_recbole.fve.feedback import RankFeedback, collect_valid_feedback, rank_feedback
+from reveal_recbole.fve.loop import FVEError, FVEState, build_critic, build_encoder, initial_prompts, run_fve
 from reveal_recbole.fve.prompt import DEFAULT_TEMPLATE, build_prompt, item_category, keyword_text, review_keywords
 from reveal_recbole.fve.select import (
     OVER_RANKED_NEGATIVE,
@@ -36,6 +41,7 @@ from reveal_recbole.fve.select import (
     priority,
     select_hard_items,
 )
+from reveal_recbole.fve.sources import ItemImageSource, ItemText, read_item_texts
 
 __all__ = [
     "CLIPPromptEncoder",
@@ -43,22 +49,30 @@ __all__ = [
     "CriticReply",
     "CriticRequest",
     "DEFAULT_TEMPLATE",
+    "EfficientNetLiteEncoder",
+    "FVEError",
+    "FVEState",
     "FeatureCache",
     "HFChatCritic",
     "ImageEncoder",
     "ItemImage",
+    "ItemImageSource",
+    "ItemText",
     "OVER_RANKED_NEGATIVE",
     "OfflineCritic",
     "OpenAICompatibleCritic",
     "RankFeedback",
     "UNDER_RANKED_POSITIVE",
     "VLMPromptEncoder",
+    "build_critic",
     "build_critic_request",
+    "build_encoder",
     "build_prompt",
     "collect_valid_feedback",
     "extract_item_features",
     "feedback_type",
     "image_digest",
+    "initial_prompts",
     "item_category",
     "keyword_text",
     "missing_image_vector",
@@ -66,7 +80,9 @@ __all__ = [
     "parse_critic_output",
     "priority",
     "rank_feedback",
+    "read_item_texts",
     "review_keywords",
+    "run_fve",
     "sanitize_untrusted",
     "select_hard_items",
 ]

