@@ -11,9 +11,10 @@ from reveal_recbole.data.features import ItemFeatures, feature_paths, load_item_
 
 
 def configured_modalities(config) -> list[str]:
-    """The ``modalities`` key as a list of names (a single name is accepted)."""
+    """The ``modalities`` key as a list of names; ``image`` or ``[image,text]`` as a string also work."""
     value = config["modalities"] or []
-    value = [value] if isinstance(value, str) else value
+    if isinstance(value, str):  # RecBole's command line leaves --modalities=[image,text] a string
+        value = [name.strip() for name in value.strip("[] ").split(",") if name.strip()]
     if not isinstance(value, (list, tuple)) or not all(isinstance(m, str) and m for m in value):
         raise ConfigError(f"modalities must be a list of names such as [image, text], got {config['modalities']!r}")
     return list(value)
