@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 from recbole.config import Config as RecBoleConfig
 
+from reveal_recbole.distributed import init_cpu_process_group, uses_cuda
 from reveal_recbole.utils import bundled_datasets_dir, get_model, properties_dir
 
 
@@ -93,6 +94,13 @@ class Config(RecBoleConfig):
             self.final_config_dict["data_path"] = str(bundled)
         else:
             self.final_config_dict["data_path"] = os.path.expanduser(self.final_config_dict["data_path"])
+
+    def _init_device(self):
+        """RecBole's device set-up; a multi-process run without GPUs joins a gloo group (NCCL needs CUDA)."""
+        if "local_rank" in self.final_config_dict and not uses_cuda(self.final_config_dict):
+            init_cpu_process_group(self.final_config_dict)
+        else:
+            super()._init_device()
 
 
 def known_datasets() -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""``run_reveal`` mirrors ``recbole.quick_start.run_recbole``; ``compare`` runs several models on one split."""
+"""``run_reveal`` mirrors ``recbole.quick_start.run_recbole`` and ``run`` its multi-process ``run``;
+``compare`` runs several models on one split."""
 from __future__ import annotations
 
 import csv
@@ -7,10 +8,12 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import MutableMapping
 from logging import getLogger
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
 from recbole.data import data_preparation
 from recbole.data.transform import construct_transform
@@ -24,8 +27,53 @@ from reveal_recbole.utils import atomic_write_text, get_model, get_trainer
 REPORT_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 
 
-def run_reveal(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True):
-    """Train and evaluate one model, as ``run_recbole`` does; returns the same dict."""
+def run(
+    model,
+    dataset,
+    config_file_list=None,
+    config_dict=None,
+    saved=True,
+    nproc=1,
+    world_size=-1,
+    ip="localhost",
+    port="5678",
+    group_offset=0,
+):
+    """``recbole.quick_start.run`` for our models: ``run_reveal`` in one process, or in ``nproc`` DDP processes.
+
+    Multi-process runs use NCCL on GPUs (one ``gpu_id`` per process, RecBole's set-up) and gloo
+    on CPU. Each process trains on its share of every batch (``train_batch_size / world_size``)
+    and the gradients are averaged, so a step sees ``train_batch_size`` interactions as in one
+    process. Returns rank 0's result.
+    """
+    if nproc == 1 and world_size <= 0:
+        return run_reveal(model, dataset, config_file_list, config_dict, saved)
+    import torch.multiprocessing as mp
+
+    queue = mp.get_context("spawn").SimpleQueue()
+    config_dict = dict(config_dict or {})
+    config_dict.update(
+        world_size=nproc if world_size == -1 else world_size, ip=ip, port=port, nproc=nproc, offset=group_offset
+    )
+    kwargs = {"config_dict": config_dict, "saved": saved, "queue": queue}
+    mp.spawn(run_reveals, args=(model, dataset, config_file_list, kwargs), nprocs=nproc, join=True)
+    return None if queue.empty() else queue.get()
+
+
+def run_reveals(rank: int, *args):
+    """One process of ``run``: ``recbole.quick_start.run_recboles`` calling ``run_reveal``."""
+    kwargs = args[-1]
+    if not isinstance(kwargs, MutableMapping):
+        raise TypeError(f"the last argument of run_reveals must be a dict, got {type(kwargs)}")
+    kwargs["config_dict"] = dict(kwargs.get("config_dict") or {}, local_rank=rank)
+    return run_reveal(*args[:3], **kwargs)
+
+
+def run_reveal(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, queue=None):
+    """Train and evaluate one model, as ``run_recbole`` does; returns the same dict.
+
+    ``queue`` receives rank 0's result in a multi-process run (see ``run``).
+    """
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
@@ -51,6 +99,7 @@ def run_reveal(model=None, dataset=None, config_file_list=None, config_dict=None
     )
     train_seconds = time.perf_counter() - start
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    trainer.log_final("Test", test_result)
 
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
@@ -65,14 +114,20 @@ def run_reveal(model=None, dataset=None, config_file_list=None, config_dict=None
     }
     if config["visual_utilisation"] and getattr(model.item_embedding, "modalities", ()):
         result["utilisation"] = report_utilisation(config, trainer, test_data, saved)
+    if not config["single_spec"]:
+        dist.destroy_process_group()
+    if config["local_rank"] == 0 and queue is not None:
+        queue.put(result)
     return result
 
 
 def report_utilisation(config, trainer, test_data, saved: bool) -> dict:
-    """Test metrics with each modality masked, logged and (when saved) drawn next to the checkpoint."""
+    """Test metrics with each modality masked, logged, in tensorboard and (when saved) drawn next to the checkpoint."""
     utilisation = visual_utilisation(trainer, test_data)
     getLogger().info(set_color("visual utilisation (test, drop when masked)", "yellow") + f": {utilisation['drop']}")
-    if saved and config["diagnostics_figure"]:
+    drops = utilisation["drop"].items()
+    trainer.log_final("Utilisation", {f"{mod}_masked/{m}": v for mod, drop in drops for m, v in drop.items()})
+    if saved and config["diagnostics_figure"] and config["local_rank"] == 0:
         avl_csv = getattr(trainer, "avl_csv_file", None)
         figure = Path(trainer.saved_model_file).with_suffix(".diagnostics.png")
         plot_diagnostics(avl_csv if avl_csv and Path(avl_csv).is_file() else None, utilisation, figure)
@@ -99,6 +154,10 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
     """``run_reveal`` for RecBole's ``HyperTuning``: same signature and return as RecBole's."""
     config = Config(config_dict=config_dict, config_file_list=config_file_list)
     init_seed(config["seed"], config["reproducibility"])
+    logger = getLogger()
+    for handler in logger.handlers[:]:  # as RecBole's: one log file (and tensorboard run) per trial
+        logger.removeHandler(handler)
+    init_logger(config)
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     init_seed(config["seed"], config["reproducibility"])
@@ -106,6 +165,7 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, verbose=False, saved=saved)
     test_result = trainer.evaluate(test_data, load_best_model=saved)
+    trainer.log_final("Test", test_result)
     return {
         "model": config["model"],
         "best_valid_score": best_valid_score,

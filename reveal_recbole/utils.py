@@ -83,12 +83,14 @@ def get_model(model_name: str) -> type:
 
 
 def get_trainer(model_type, model_name: str) -> type:
-    """Our trainer for our models; RecBole's trainer, with trusted checkpoint loading, otherwise."""
+    """Our trainer for our models; otherwise RecBole's, extended by ``reveal_recbole.trainer.base``."""
     if model_name in _TRAINERS:
         return _TRAINERS[model_name]
     from recbole.utils import get_trainer as recbole_get_trainer
 
-    return with_trusted_checkpoints(recbole_get_trainer(model_type, model_name))
+    from reveal_recbole.trainer.base import extend_trainer
+
+    return extend_trainer(recbole_get_trainer(model_type, model_name))
 
 
 def get_dataset_class(config) -> type:

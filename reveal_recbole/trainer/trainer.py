@@ -6,16 +6,19 @@ import os
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 
+from reveal_recbole.distributed import is_main_process
 from reveal_recbole.trainer.avl import AdaptiveVisualLearning, AVLConfig
-from reveal_recbole.utils import with_trusted_checkpoints
+from reveal_recbole.trainer.base import extend_trainer
 
 
-class REVEALTrainer(with_trusted_checkpoints(Trainer)):
+class REVEALTrainer(extend_trainer(Trainer)):
     """RecBole's Trainer; with ``avl: True`` each step's loss goes through Adaptive Visual Learning.
 
     AVL plugs in as the ``loss_func`` of RecBole's own training loop, so batching, AMP, gradient
     clipping, early stopping, checkpointing and logging stay RecBole's. Per-step AVL values go
-    to ``<saved model file>-avl.csv``; per-epoch means to the log and tensorboard.
+    to ``<saved model file>-avl.csv``; per-epoch means to the log and tensorboard. Under DDP every
+    rank computes the same K_v (``all_reduce_mean``) and rank 0 writes the CSV, with its own
+    gradient norms (before DDP averages the ranks' gradients).
     """
 
     def __init__(self, config, model):
@@ -37,7 +40,7 @@ class REVEALTrainer(with_trusted_checkpoints(Trainer)):
         if self.avl is None or loss_func is not None:
             return super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
         loss = super()._train_epoch(train_data, epoch_idx, self.avl.training_loss, show_progress)
-        summary = self.avl.end_epoch(epoch_idx, self.avl_csv_file)
+        summary = self.avl.end_epoch(epoch_idx, self.avl_csv_file if is_main_process(self.config) else None)
         if summary:
             self.logger.info(
                 set_color(f"epoch {epoch_idx} AVL", "green")
