@@ -41,49 +41,69 @@ def read_avl_csv(path: str | Path) -> dict[str, list[float]]:
     return {key: [float(row[key]) for row in rows] for key in rows[0]}
 
 
-def plot_diagnostics(avl_csv: Optional[str | Path], utilisation: Optional[dict], output: str | Path) -> Path:
-    """One PNG: K_v over steps, per-modality gradient norms, and the utilisation bars."""
-    import io
-
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_png(fig, output: str | Path) -> Path:
+    """Write ``fig`` as a PNG atomically and close it."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    pyplot().close(fig)
+    atomic_write_bytes(output, buffer.getvalue())
+    return Path(output)
+
+
+def plot_k_v(ax, steps: dict[str, list[float]]) -> None:
+    ax.plot(steps["step"], steps["k_v"], lw=0.8)
+    ax.axhline(1.0, color="grey", ls="--", lw=0.8)
+    ax.set(title="AVL visual weight K_v", xlabel="training step", ylabel="K_v")
+
+
+def plot_grad_norms(ax, steps: dict[str, list[float]]) -> None:
+    ax.plot(steps["step"], steps["grad_norm_image"], lw=0.8, label="image branch")
+    ax.plot(steps["step"], steps["grad_norm_text"], lw=0.8, label="text branch")
+    ax.set(title="gradient norm per modality", xlabel="training step", ylabel="L2 norm")
+    ax.legend()
+
+
+def plot_utilisation(ax, drop: dict[str, dict[str, float]], title: str = "metric drop when a modality is masked") -> None:
+    """Grouped bars: per metric, the drop (full - masked) for each masked modality."""
+    modalities = list(drop)
+    metrics = list(dict.fromkeys(m for values in drop.values() for m in values))
+    width = 0.8 / max(len(modalities), 1)
+    for i, modality in enumerate(modalities):
+        xs = [j + i * width for j in range(len(metrics))]
+        ax.bar(xs, [drop[modality].get(m, float("nan")) for m in metrics], width, label=f"{modality} masked")
+    ax.set_xticks([j + width * (len(modalities) - 1) / 2 for j in range(len(metrics))], metrics)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set(title=title, ylabel="full - masked")
+    ax.legend()
+
+
+def plot_diagnostics(avl_csv: Optional[str | Path], utilisation: Optional[dict], output: str | Path) -> Path:
+    """One PNG: K_v over steps, per-modality gradient norms, and the utilisation bars."""
     panels = (2 if avl_csv else 0) + (1 if utilisation else 0)
     if panels == 0:
         raise ValueError("nothing to plot: give an AVL CSV, a utilisation report, or both")
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), squeeze=False)
+    fig, axes = pyplot().subplots(1, panels, figsize=(5 * panels, 3.8), squeeze=False)
     axes = list(axes[0])
     if avl_csv:
         steps = read_avl_csv(avl_csv)
-        ax = axes.pop(0)
-        ax.plot(steps["step"], steps["k_v"], lw=0.8)
-        ax.axhline(1.0, color="grey", ls="--", lw=0.8)
-        ax.set(title="AVL visual weight K_v", xlabel="training step", ylabel="K_v")
-        ax = axes.pop(0)
-        ax.plot(steps["step"], steps["grad_norm_image"], lw=0.8, label="image branch")
-        ax.plot(steps["step"], steps["grad_norm_text"], lw=0.8, label="text branch")
-        ax.set(title="gradient norm per modality", xlabel="training step", ylabel="L2 norm")
-        ax.legend()
+        plot_k_v(axes.pop(0), steps)
+        plot_grad_norms(axes.pop(0), steps)
     if utilisation:
-        ax = axes.pop(0)
-        metrics = list(utilisation["full"])
-        modalities = list(utilisation["drop"])
-        width = 0.8 / max(len(modalities), 1)
-        for i, modality in enumerate(modalities):
-            xs = [j + i * width for j in range(len(metrics))]
-            ax.bar(xs, [utilisation["drop"][modality][m] for m in metrics], width, label=f"{modality} masked")
-        ax.set_xticks([j + width * (len(modalities) - 1) / 2 for j in range(len(metrics))], metrics)
-        ax.axhline(0.0, color="grey", lw=0.8)
-        ax.set(title="metric drop when a modality is masked", ylabel="full - masked")
-        ax.legend()
+        plot_utilisation(axes.pop(0), utilisation["drop"])
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(output, buffer.getvalue())
-    return Path(output)
+    return save_png(fig, output)
 
 
 def main(argv=None) -> None:

@@ -11,20 +11,44 @@
   the epoch times are logged but never reach tensorboard: here they go to ``Valid/<metric>``,
   ``Time/train_s`` and ``Time/valid_s`` per epoch. ``log_final`` writes end-of-run values (test
   metrics, visual utilisation). Only rank 0 writes events, as only rank 0 logs in RecBole.
+  RecBole names the tensorboard folder after the process's first log file (``model-<time>``
+  without one), so later runs in the same process (``compare``, seeds) would write into the first
+  run's folder: a run whose folder is not its own gets ``log_tensorboard/<model>-<dataset>-<time>``.
 - Checkpoints load under torch >= 2.6 (``with_trusted_checkpoints``).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 from typing import Iterator, Mapping
 
 import torch.distributed as dist
+from recbole.utils import get_local_time
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
 
 from reveal_recbole.distributed import broadcast_from_rank0, is_distributed, is_main_process
 from reveal_recbole.utils import with_trusted_checkpoints
+
+
+_TENSORBOARD_DIRS: set[str] = set()  # folders given to a trainer in this process
+
+
+def _own_tensorboard(writer: SummaryWriter, config) -> SummaryWriter:
+    """``writer`` if its folder is this run's (named for its model and dataset, new to this process), else a fresh one."""
+    log_dir = writer.get_logdir()
+    prefix = f"{config['model']}-{config['dataset']}-"
+    if log_dir in _TENSORBOARD_DIRS or not os.path.basename(log_dir).startswith(prefix):
+        writer.close()
+        base = os.path.join(os.path.dirname(log_dir), prefix + get_local_time())
+        log_dir, n = base, 2
+        while log_dir in _TENSORBOARD_DIRS or os.path.exists(log_dir):
+            log_dir, n = f"{base}-{n}", n + 1
+        writer = SummaryWriter(log_dir)
+    _TENSORBOARD_DIRS.add(log_dir)
+    return writer
 
 
 class _NoTensorboard:
@@ -60,6 +84,8 @@ def extend_trainer(trainer_class: type) -> type:
                 if not is_main_process(config):
                     self.tensorboard.close()
                     self.tensorboard = _NoTensorboard()
+            if is_main_process(config):
+                self.tensorboard = _own_tensorboard(self.tensorboard, config)
             self._epoch = -1
 
         def fit(self, *args, **kwargs):
