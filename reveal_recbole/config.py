@@ -18,6 +18,7 @@ import yaml
 from recbole.config import Config as RecBoleConfig
 
 from reveal_recbole.distributed import init_cpu_process_group, uses_cuda
+from reveal_recbole.errors import ConfigError
 from reveal_recbole.utils import bundled_datasets_dir, get_model, properties_dir
 
 
@@ -69,6 +70,18 @@ def fill_missing_defaults(config) -> None:
 
 class Config(RecBoleConfig):
     """RecBole's Config, resolving our models and loading our properties/ yaml files."""
+
+    def _load_config_files(self, file_list):
+        """RecBole's loader, after checking each file exists and parses, so errors name the file."""
+        for path in file_list or []:
+            if not os.path.isfile(path):
+                raise ConfigError(f"config file not found: {path}")
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    yaml.load(handle.read(), Loader=self.yaml_loader)
+            except yaml.YAMLError as error:
+                raise ConfigError(f"{path}: not valid yaml: {error}") from None
+        return super()._load_config_files(file_list)
 
     def _get_model_and_dataset(self, model, dataset):
         if isinstance(model, str) or model is None:

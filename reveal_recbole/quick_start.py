@@ -22,6 +22,7 @@ from recbole.utils import get_flops, init_logger, init_seed, set_color
 from reveal_recbole.config import Config
 from reveal_recbole.data import create_dataset
 from reveal_recbole.diagnostics import plot_diagnostics, visual_utilisation
+from reveal_recbole.errors import ConfigError
 from reveal_recbole.utils import atomic_write_text, get_model, get_trainer
 
 REPORT_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
@@ -179,12 +180,12 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
     """``"SASRecREVEAL[avl=False,fusion=gated]"`` -> ``("SASRecREVEAL", {"avl": False, "fusion": "gated"})``."""
     match = re.fullmatch(r"\s*([A-Za-z0-9_]+)\s*(?:\[(.*)\])?\s*", spec)
     if match is None:
-        raise ValueError(f"bad model spec {spec!r}: expected Name or Name[key=value,...]")
+        raise ConfigError(f"bad model spec {spec!r}: expected Name or Name[key=value,...]")
     overrides = {}
     for pair in filter(None, (match.group(2) or "").split(",")):
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"bad override {pair!r} in model spec {spec!r}: expected key=value")
+            raise ConfigError(f"bad override {pair!r} in model spec {spec!r}: expected key=value")
         overrides[key.strip()] = yaml.safe_load(value.strip())
     return match.group(1), overrides
 
