@@ -7,6 +7,7 @@ each rank's AVL state after training; everything else is the real ``run``.
 """
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -54,7 +55,10 @@ def _rank_worker(rank: int, *args) -> None:
 
 
 def test_two_processes_match_one_and_share_avl_state(tiny_config, tmp_path, monkeypatch):
-    config = tiny_config | NO_DROPOUT | {"visual_utilisation": False}
+    # gpu_id '' keeps both runs on CPU (gloo) on GPU machines too; RecBole then sets
+    # CUDA_VISIBLE_DEVICES='', which monkeypatch restores for later tests.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    config = tiny_config | NO_DROPOUT | {"visual_utilisation": False, "gpu_id": ""}
     single = quick_start.run("SASRecREVEAL", "scientific", config_dict=dict(config), nproc=1)
 
     monkeypatch.setattr(quick_start, "run_reveals", _rank_worker)
