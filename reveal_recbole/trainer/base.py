@@ -101,9 +101,9 @@ def extend_trainer(trainer_class: type) -> type:
             self.tensorboard.add_scalar("Time/train_s", time.perf_counter() - start, epoch_idx)
             return loss
 
-        def _valid_epoch(self, valid_data, show_progress=False):
+        def _valid_epoch(self, valid_data, *args, **kwargs):  # RecBole's tree trainers take no show_progress
             start = time.perf_counter()
-            score, result = super()._valid_epoch(valid_data, show_progress)
+            score, result = super()._valid_epoch(valid_data, *args, **kwargs)
             self.tensorboard.add_scalar("Time/valid_s", time.perf_counter() - start, self._epoch)
             for metric, value in result.items():
                 self.tensorboard.add_scalar(f"Valid/{metric}", value, self._epoch)
