@@ -21,7 +21,9 @@ from reveal_recbole.quick_start import compare, run
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--model", "-m", default="SASRecREVEAL", help="model name, or a comma-separated list to compare")
     parser.add_argument("--dataset", "-d", default="scientific", help="dataset name")
     parser.add_argument("--config_files", default=None, help="space-separated yaml config files")
