@@ -3,7 +3,7 @@
 1. Extraction, round 2 / round 1: round 1 encodes every item's image under its prompt (cold
    cache); round 2 changes ``--changed`` of the prompts, as a feedback round does, and only
    those miss the cache. Target: ratio <= 0.30 at 25 % changed.
-2. Rank feedback for all users at once (``rank_feedback``, batched torch) against a naive
+2. Rank feedback for all users at once (``rank_feedback``, whole batches in numpy) against a naive
    per-user Python loop (one ``argsort`` per user, dictionaries of counts), on the same random
    full-ranking scores with ties; both must give the same statistics.
 3. Offline image features, end to end (read the PNG, decode, resize, EfficientNet-Lite0,

@@ -11,6 +11,8 @@ from reveal_recbole.fve.feedback import (
     collect_valid_feedback,
     mask_history,
     rank_feedback,
+    ranking_keys,
+    target_ranks,
     top_ranked,
 )
 
@@ -96,6 +98,36 @@ def test_top_ranked_breaks_ties_by_item_id():
     items, values = top_ranked(scores, 4)
     assert items.tolist() == [[1, 2, 4, 3]]
     assert values.tolist() == [[3.0, 3.0, 3.0, 2.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_ranking_keys_order_rows_like_a_sort_by_score_then_id(dtype):
+    special = [0.0, -0.0, math.inf, -math.inf, -1e-30, 1e-30, -3.5, 3.5, 2.0 ** 100, -(2.0 ** 100)]
+    generator = torch.Generator().manual_seed(2)
+    scores = torch.tensor(special * 3)[torch.randperm(30, generator=generator)].repeat(4, 1)
+    scores[1:] = torch.randn(3, 30, generator=generator).round(decimals=1)
+    scores = scores.to(dtype)
+    keys = ranking_keys(scores)
+    for row, row_keys in zip(scores.tolist(), keys):
+        expected = sorted(range(30), key=lambda j: (-row[j], j))
+        assert np.argsort(-row_keys).tolist() == expected
+    assert ranking_keys(scores).tolist() == keys.tolist()  # the scores were not changed in place
+
+
+def test_float64_scores_closer_than_float32_are_not_ties():
+    scores = torch.tensor([[1.0, 1.0 + 1e-12, 1.0 - 1e-12, 1.0]], dtype=torch.float64)
+    assert top_ranked(scores, 4)[0].tolist() == [[1, 0, 3, 2]]
+    assert target_ranks(scores, torch.tensor([0, 0]), torch.tensor([3, 2])).tolist() == [3, 4]
+
+
+def test_masked_target_ranks_among_the_masked_by_id_and_full_depth():
+    scores = torch.tensor([[-math.inf, 2.0, -math.inf, 1.0, -math.inf]])
+    assert target_ranks(scores, torch.tensor([0, 0]), torch.tensor([2, 4])).tolist() == [4, 5]
+    items, values = top_ranked(scores, 5)
+    assert items.tolist() == [[1, 3, 0, 2, 4]] and values[0, :2].tolist() == [2.0, 1.0]
+    feedback = rank_feedback([scores], [torch.tensor([4])], k=3, exposure_k=5)
+    assert feedback.avg_pos_rank[4] == 5 and feedback.exposure_count_topK.tolist() == [0, 1, 0, 1, 0]
+    assert feedback.wrong_hit_topK.tolist() == [0, 1, 0, 1, 0]
 
 
 def test_rank_feedback_errors():

@@ -3,7 +3,8 @@
 REVEAL rewrites the prompts of the items the recommender handles worst, and "worst" is read
 from full-ranking results: how an item ranks when it is a user's target, how often it sits
 in a user's top K when it is not, and how often it is shown at all. This module computes
-those statistics from full-ranking score matrices, batch by batch, with vectorised torch ops.
+those statistics from full-ranking score matrices, batch by batch, with whole-batch numpy
+operations on unique per-row ranking keys (:func:`ranking_keys`).
 
 Ranking convention (also for ties): items are ordered by score, highest first, ties broken
 by the lower item id first; ranks are 1-based. Items scored ``-inf`` (RecBole's padding
@@ -72,96 +73,123 @@ def _as_pairs(targets: Targets, n_rows: int, device: torch.device) -> tuple[torc
     return rows.to(device=device, dtype=torch.long), items.to(device=device, dtype=torch.long)
 
 
-def top_ranked(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` items of each row and their scores, ties broken by the lower item id.
+def ranking_keys(scores: torch.Tensor) -> np.ndarray:
+    """``(rows, n_items)`` int64 keys that order each row as it is ranked: the larger key first.
 
-    ``torch.topk`` finds the n-th largest score; every item above it is in, and the items equal
-    to it fill the remaining places in id order. Only these ``n`` items are then sorted (stably,
-    so equal scores keep id order), which stays cheap for large catalogues.
+    Keys are unique within a row, so ranking with ties becomes plain sorting and counting. For
+    float32 scores (and narrower floats, widened exactly) the high 32 bits are the score's bits
+    mapped so that integer order is float order (``-0.0`` is first made ``+0.0``, equal to it),
+    and the low 32 bits hold ``n_items - 1 - id``: equal scores rank the lower id first. Wider
+    scores (float64, integers) do not fit 32 bits: their high bits are instead their place in
+    one stable sort per row (slower, exact). The work runs in numpy on the CPU: one core
+    per operation, where torch's thread hand-offs cost milliseconds per operation on busy
+    shared CPUs (the scores of a GPU model are copied over, one batch at a time).
     """
-    n_rows = scores.shape[0]
-    threshold = torch.topk(scores, n, dim=1).values[:, -1:]
-    above = scores > threshold
-    tied = scores == threshold
-    places_left = n - above.sum(dim=1, keepdim=True)
-    member = above | (tied & (tied.cumsum(dim=1) <= places_left))
-    items = member.nonzero()[:, 1].view(n_rows, n)  # row-major, so ascending id within a row
-    top_scores = scores.gather(1, items)
-    order = torch.sort(top_scores, dim=1, descending=True, stable=True).indices
-    return items.gather(1, order), top_scores.gather(1, order)
+    values = scores.detach().cpu()
+    narrow = values.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    values = values.float().numpy() if narrow else values.double().numpy()
+    if values.size and np.isnan(values.max()):  # max propagates NaN: one cheap pass
+        raise ValueError("scores contain NaN; rank feedback needs comparable scores")
+    reversed_ids = np.arange(values.shape[1] - 1, -1, -1, dtype=np.int64)
+    if narrow:
+        bits = (values + np.float32(0)).view(np.int32)  # a copy, where -0.0 became +0.0
+        sign = bits >> 31
+        sign &= np.int32(0x7FFFFFFF)
+        bits ^= sign  # negative floats: a larger magnitude gives a smaller integer
+        keys = bits.astype(np.int64)
+    else:  # each score's place in a stable sort (lower id first among equals) stands in for its bits
+        order = np.argsort(-values, axis=1, kind="stable")
+        keys = np.empty(order.shape, dtype=np.int64)
+        np.put_along_axis(keys, order, np.broadcast_to(reversed_ids, order.shape), axis=1)
+    keys <<= 32
+    keys |= reversed_ids
+    return keys
+
+
+def _top_items(keys: np.ndarray, n: int) -> np.ndarray:
+    """Ids of each row's first ``n`` items in rank order; sorts ``keys`` in place (no copy of the batch)."""
+    keys.sort(axis=1)
+    return keys.shape[1] - 1 - (keys[:, : -n - 1 : -1] & 0xFFFFFFFF)
+
+
+def _ranks(keys: np.ndarray, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """1-based rank of ``items[j]`` in row ``rows[j]``: one plus the row's keys above its key."""
+    row_keys = keys if np.array_equal(rows, np.arange(len(keys))) else keys[rows]
+    return 1 + np.count_nonzero(row_keys > keys[rows, items][:, None], axis=1)
+
+
+def top_ranked(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` items of each row and their scores, ties broken by the lower item id."""
+    items = torch.from_numpy(_top_items(ranking_keys(scores), n)).to(scores.device)
+    return items, scores.gather(1, items)
 
 
 def target_ranks(scores: torch.Tensor, rows: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """1-based rank of ``items[j]`` in row ``rows[j]``: items scoring higher, plus equal ones of lower id, plus 1."""
-    row_scores = scores[rows]
-    target_scores = row_scores.gather(1, items.unsqueeze(1))
-    ids = torch.arange(scores.shape[1], device=scores.device)
-    ahead = (row_scores > target_scores) | ((row_scores == target_scores) & (ids < items.unsqueeze(1)))
-    return ahead.sum(dim=1) + 1
+    ranks = _ranks(ranking_keys(scores), rows.cpu().numpy(), items.cpu().numpy())
+    return torch.from_numpy(ranks).to(scores.device)
 
 
 class RankFeedbackAccumulator:
     """Accumulates :class:`RankFeedback` over batches of full-ranking scores.
 
-    Counts and rank sums live on the scores' device in float64 (exact for any realistic count),
-    so memory is O(n_items) whatever the number of users.
+    Counts and rank sums are float64 numpy arrays (exact for any realistic count), so memory is
+    O(n_items) whatever the number of users; a batch needs a few temporaries of its size.
     """
+
+    NAMES = (
+        "hit", "pos_rank", "pos_top10", "pos_top20",
+        "wrong", "wrong_rank", "wrong_top10", "exposure", "exposure_rank",
+    )
 
     def __init__(self, n_items: int, k: int = 10, exposure_k: int = 50):
         if k < 1 or exposure_k < 1:
             raise ValueError(f"k and exposure_k must be positive, got k={k}, exposure_k={exposure_k}")
         self.n_items, self.k, self.exposure_k = n_items, k, exposure_k
         self.n_rows = 0
-        self._sums: dict[str, torch.Tensor] | None = None
+        self._sums = {name: np.zeros(n_items) for name in self.NAMES}
 
-    def _zeros(self, device: torch.device) -> dict[str, torch.Tensor]:
-        names = (
-            "hit", "pos_rank", "pos_top10", "pos_top20",
-            "wrong", "wrong_rank", "wrong_top10", "exposure", "exposure_rank",
-        )
-        return {name: torch.zeros(self.n_items, dtype=torch.float64, device=device) for name in names}
+    def _add(self, name: str, items: np.ndarray, weights: np.ndarray) -> None:
+        self._sums[name] += np.bincount(items.ravel(), weights.ravel(), minlength=self.n_items)
 
     def update(self, scores: torch.Tensor, targets: Targets) -> None:
         """Add one batch: ``scores`` is ``(rows, n_items)``; ``targets`` one item id per row, or
         ``(positive_u, positive_i)`` pairs (row index, item id) as RecBole's eval loaders give them."""
-        scores = scores.detach()
         if scores.dim() != 2 or scores.shape[1] != self.n_items:
             raise ValueError(f"scores must have shape (rows, {self.n_items}), got {tuple(scores.shape)}")
-        if torch.isnan(scores).any():
-            raise ValueError("scores contain NaN; rank feedback needs comparable scores")
-        if self._sums is None:
-            self._sums = self._zeros(scores.device)
-        sums, n_rows = self._sums, scores.shape[0]
-        rows, items = _as_pairs(targets, n_rows, scores.device)
+        n_rows = scores.shape[0]
+        rows, items = (pair.cpu().numpy() for pair in _as_pairs(targets, n_rows, torch.device("cpu")))
+        keys = ranking_keys(scores)
 
-        ranks = target_ranks(scores, rows, items).double()
-        sums["hit"].index_add_(0, items, torch.ones_like(ranks))
-        sums["pos_rank"].index_add_(0, items, ranks)
-        sums["pos_top10"].index_add_(0, items, (ranks <= TOP10).double())
-        sums["pos_top20"].index_add_(0, items, (ranks <= TOP20).double())
+        ranks = _ranks(keys, rows, items).astype(np.float64)  # before _top_items sorts the keys
+        self._add("hit", items, np.ones_like(ranks))
+        self._add("pos_rank", items, ranks)
+        self._add("pos_top10", items, ranks <= TOP10)
+        self._add("pos_top20", items, ranks <= TOP20)
 
+        # Items of the top lists count with weight 0 where they are not ranked (-inf).
         depth = min(max(self.k, self.exposure_k), self.n_items)
-        top_items, top_scores = top_ranked(scores, depth)
-        positions = torch.arange(1, depth + 1, device=scores.device, dtype=torch.float64).expand(n_rows, depth)
-        ranked = top_scores > float("-inf")
+        top_items = _top_items(keys, depth)
+        values = scores.detach().cpu().gather(1, torch.from_numpy(top_items)).numpy()
+        ranked = (values > float("-inf")).astype(np.float64)
+        positions = np.arange(1, depth + 1, dtype=np.float64)
 
-        shown = ranked[:, : self.exposure_k]
-        shown_items = top_items[:, : self.exposure_k][shown]
-        sums["exposure"].index_add_(0, shown_items, torch.ones_like(shown_items, dtype=torch.float64))
-        sums["exposure_rank"].index_add_(0, shown_items, positions[:, : self.exposure_k][shown])
+        shown_items, shown = top_items[:, : self.exposure_k], ranked[:, : self.exposure_k]
+        self._add("exposure", shown_items, shown)
+        self._add("exposure_rank", shown_items, shown * positions[: self.exposure_k])
 
-        is_target = torch.zeros_like(scores, dtype=torch.bool)
-        is_target[rows, items] = True
         head_items = top_items[:, : self.k]
-        wrong = ranked[:, : self.k] & ~is_target.gather(1, head_items)
-        wrong_positions = positions[:, : self.k][wrong]
-        sums["wrong"].index_add_(0, head_items[wrong], torch.ones_like(wrong_positions))
-        sums["wrong_rank"].index_add_(0, head_items[wrong], wrong_positions)
-        sums["wrong_top10"].index_add_(0, head_items[wrong], (wrong_positions <= TOP10).double())
+        is_target = np.zeros(head_items.shape, dtype=bool)
+        pair, column = np.nonzero(head_items[rows] == items[:, None])
+        is_target[rows[pair], column] = True
+        wrong, head_positions = ranked[:, : self.k] * ~is_target, positions[: self.k]
+        self._add("wrong", head_items, wrong)
+        self._add("wrong_rank", head_items, wrong * head_positions)
+        self._add("wrong_top10", head_items, wrong * (head_positions <= TOP10))
         self.n_rows += n_rows
 
     def result(self) -> RankFeedback:
-        sums = {name: s.cpu().numpy() for name, s in (self._sums or self._zeros(torch.device("cpu"))).items()}
+        sums = self._sums
 
         def mean(total: str, count: str) -> np.ndarray:
             return np.divide(sums[total], sums[count], out=np.zeros(self.n_items), where=sums[count] > 0)
