@@ -75,7 +75,7 @@ STATE_VERSION = 1
 INITIAL = "initial"  # the feedback type of round 0's rows: prompts built from metadata
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_VLM = "Qwen/Qwen2.5-VL-7B-Instruct"
-ENCODERS = ("clip", "vlm", "efficientnet")
+ENCODERS = ("clip", "vlm", "efficientnet", "efficientnet-onnx")
 CRITICS = ("offline", "hf", "openai")
 KEYWORDS = 5  # review keywords per item, in the prompt and the critic request
 
@@ -99,6 +99,8 @@ def build_encoder(config) -> ImageEncoder:
             return CLIPPromptEncoder.from_pretrained(name, device=device)
         if kind == "vlm":
             return VLMPromptEncoder.from_pretrained(name)
+        if kind == "efficientnet-onnx":  # the same features through ONNX Runtime, on the CPU
+            return EfficientNetLiteEncoder.from_package(runtime="onnx")
         return EfficientNetLiteEncoder.from_package(device=device)
     except (OSError, ImportError) as error:
         raise FVEError(
