@@ -33,6 +33,9 @@ Output (``--out``, default ``dataset/<name>``):
   most common root among the kept items (the dataset's own category), else the first path.
   HTML entities are decoded and tags removed; descriptions are cut to
   ``--max-description-chars``.
+* ``<name>.reviews``: ``item_id<TAB>review`` (header ``item_id review``), the first
+  ``--reviews-per-item`` kept reviews of each item in file order (``summary. reviewText``, one
+  line, cut to ``--max-review-chars``), read by FVE's critic as untrusted text.
 * ``<name>.images.tsv``: ``item_id<TAB>image_urls`` (URLs separated by spaces, the first one
   the main image) for items that have any: ``imUrl`` (2014); ``imageURLHighRes``, else
   ``imageURL``, else ``image`` (2018). For a later image downloader.
@@ -69,6 +72,7 @@ import sys
 import time
 from array import array
 from collections import Counter
+from typing import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -189,7 +193,7 @@ class Interactions:
         self = cls()
         user_ids: dict[str, int] = {}
         item_ids: dict[str, int] = {}
-        users, items, line_numbers = array("l"), array("l"), array("l")
+        users, items, line_numbers = array("q"), array("q"), array("q")
         times = array("d")
         with open_text(path) as handle:
             for number, line in enumerate(progress(handle, f"read {path.name}", unit="reviews")):
@@ -300,37 +304,46 @@ def read_meta(path: Path, wanted: set[str]) -> tuple[dict[str, dict], int]:
 
 
 # ----------------------------------------------------------------------------- keywords
+def kept_review_texts(path: Path, kept_lines: np.ndarray, line_items: np.ndarray) -> Iterator[tuple[int, str]]:
+    """(item index, ``summary`` + ``reviewText``) of every kept review, in file order."""
+    if not len(kept_lines):
+        return
+    item_of_line = dict(zip(kept_lines.tolist(), line_items.tolist()))
+    last = int(kept_lines.max())
+    with open_text(path) as handle:
+        for number, line in enumerate(progress(handle, f"review texts {path.name}", unit="reviews")):
+            if number > last:
+                break
+            item = item_of_line.get(number)
+            if item is not None:
+                record = parse_record(line) or {}
+                summary_text = str(record.get("summary") or "").strip()
+                body = str(record.get("reviewText") or "").strip()
+                yield item, (f"{summary_text}. {body}" if summary_text and body else summary_text or body)
+
+
 def review_keywords(
-    path: Path,
-    kept_lines: np.ndarray,
-    line_items: np.ndarray,
+    documents: Iterable[tuple[int, str]],
     item_tokens: list[str],
     top_k: int,
     min_df: int = 2,
     max_df: float = 0.5,
 ) -> dict[str, list[str]]:
-    """Top TF-IDF words of each item's reviews (the method is in the module docstring)."""
-    if top_k <= 0 or not len(kept_lines):
-        return {}
-    item_of_line = dict(zip(kept_lines.tolist(), line_items.tolist()))
+    """Top TF-IDF words of each item's reviews (the method is in the module docstring).
+
+    ``documents`` are (item index, review text) pairs; they are always read to the end.
+    """
     vocabulary: dict[str, int] = {}
-    pair_items, pair_words = array("l"), array("l")
+    pair_items, pair_words = array("q"), array("q")
     reviews = Counter()
-    last = int(kept_lines.max())
-    with open_text(path) as handle:
-        for number, line in enumerate(progress(handle, f"keywords {path.name}", unit="reviews")):
-            if number > last:
-                break
-            item = item_of_line.get(number)
-            if item is None:
-                continue
-            record = parse_record(line) or {}
-            text = f"{record.get('summary') or ''} {record.get('reviewText') or ''}".lower()
-            words = {w for w in WORD_PATTERN.findall(text) if w not in STOP_WORDS}
-            reviews[item] += 1
-            for word in words:
-                pair_items.append(item)
-                pair_words.append(vocabulary.setdefault(word, len(vocabulary)))
+    for item, text in documents:
+        if top_k <= 0:
+            continue
+        words = {w for w in WORD_PATTERN.findall(text.lower()) if w not in STOP_WORDS}
+        reviews[item] += 1
+        for word in words:
+            pair_items.append(item)
+            pair_words.append(vocabulary.setdefault(word, len(vocabulary)))
     if not vocabulary:
         return {}
     items = np.frombuffer(pair_items, dtype=np.int64)
@@ -374,6 +387,8 @@ def convert(
     min_df: int = 2,
     max_df: float = 0.5,
     max_description_chars: int = 1000,
+    reviews_per_item: int = 10,
+    max_review_chars: int = 1000,
 ) -> dict:
     start = time.perf_counter()
     if (require_meta or require_image) and meta is None:
@@ -407,7 +422,21 @@ def convert(
 
     item_order = list(dict.fromkeys(items.tolist()))
     tokens = [data.item_tokens[i] for i in item_order]
-    words = review_keywords(reviews, data.line[rows], items, data.item_tokens, keywords, min_df, max_df)
+    snippets: dict[int, list[str]] = {}
+
+    def texts():
+        for item, text in kept_review_texts(reviews, data.line[rows], items):
+            kept = snippets.setdefault(item, [])
+            if len(kept) < reviews_per_item and clean_field(text):
+                kept.append(cut_words(clean_field(text), max_review_chars))
+            yield item, text
+
+    words = {}
+    if keywords > 0 or reviews_per_item > 0:
+        words = review_keywords(texts(), data.item_tokens, keywords, min_df, max_df)
+    if reviews_per_item > 0:
+        review_lines = [f"{data.item_tokens[i]}\t{text}" for i in item_order for text in snippets.get(i, [])]
+        atomic_write_text(out / f"{name}.reviews", "\n".join(["item_id\treview", *review_lines]) + "\n")
     roots = Counter(p[0] for t in tokens if t in records for p in category_paths(records[t]))
     root = roots.most_common(1)[0][0] if roots else None
     item_rows, image_rows = [], []
@@ -438,6 +467,7 @@ def convert(
         "kcore_rounds": rounds,
         "items_with_meta": sum(t in records for t in tokens),
         "items_with_image": len(image_rows),
+        "reviews_written": sum(len(v) for v in snippets.values()),
         "unparseable_meta_lines": bad_meta,
         "seconds": time.perf_counter() - start,
     }
@@ -464,12 +494,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-df", type=int, default=2, help="a keyword must occur in at least this many items")
     parser.add_argument("--max-df", type=float, default=0.5, help="...and in at most this fraction of the items")
     parser.add_argument("--max-description-chars", type=int, default=1000, help="cut descriptions (0: keep all)")
+    parser.add_argument("--reviews-per-item", type=int, default=10,
+                        help="reviews per item written to <name>.reviews for FVE's critic (0: no file)")
+    parser.add_argument("--max-review-chars", type=int, default=1000, help="cut each written review (0: keep all)")
     args = parser.parse_args(argv)
     try:
         return convert(
             args.reviews, args.out or Path("dataset") / args.name, args.name, args.meta, args.k, args.user_k,
             args.item_k, args.keep_duplicates, args.require_meta, args.require_image, args.keywords, args.min_df,
-            args.max_df, args.max_description_chars,
+            args.max_df, args.max_description_chars, args.reviews_per_item, args.max_review_chars,
         )
     except (AmazonFormatError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")

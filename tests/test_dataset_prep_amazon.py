@@ -140,6 +140,12 @@ def test_2014_reviews_and_literal_metadata(tmp_path, monkeypatch):
     assert "great" not in rows["B00ITEM004"][5].split()  # in every item's reviews: too generic
     assert rows["B00ITEM006"][1:5] == ["", "", "", ""]  # its metadata line was refused
 
+    reviews_file = (tmp_path / "out" / "sp.reviews").read_text().splitlines()
+    assert reviews_file[0] == "item_id\treview" and len(reviews_file) == 1 + 36  # noise reviews are not kept
+    assert "B00ITEM003\tGreat. Great product. It is waterproof and the waterproof zipper works." in reviews_file
+    capped = convert_amazon.convert(reviews, tmp_path / "capped", "sp", keywords=0, reviews_per_item=2)
+    assert capped["reviews_written"] == 14
+
     images = (tmp_path / "out" / "sp.images.tsv").read_text().splitlines()
     assert images[0] == "item_id\timage_urls"
     urls = dict(line.split("\t") for line in images[1:])
@@ -307,7 +313,7 @@ def test_5_core_of_the_full_sports_reviews_reproduces_the_s3rec_file(tmp_path):
     }
     rows = reviews_from_sequences(sequences, 5, full=False)
     path = write_lines(tmp_path / "reviews_Sports_and_Outdoors_5.json", [json.dumps(r) for r in rows])
-    result = convert_amazon.convert(path, tmp_path / "out", "sports", k=5, keywords=0)
+    result = convert_amazon.convert(path, tmp_path / "out", "sports", k=5, keywords=0, reviews_per_item=0)
     assert (result["users"], result["items"], result["interactions"]) == (35598, 18357, 296337)
     assert result["kcore_rounds"] >= 4 and result["duplicates_dropped"] == 10
     all_pairs = {(u, i) for u, seq in sequences.items() for i in seq}
