@@ -255,3 +255,79 @@ def test_extract_with_tiny_clip_writes_a_feature_file(tiny_clip, tmp_path):
     write_item_features(tmp_path, "tiny", "image", [i.token for i in items], features)
     tokens, array = read_feature_file(tmp_path / "tiny.image.npy", tmp_path / "tiny.image.items")
     assert tokens == ["B00A", "B00B"] and np.allclose(array, features)
+
+
+class PreparingEncoder(CountingEncoder):
+    """CountingEncoder whose ``prepare`` (run in the decode threads) halves the image; records
+    how many images had been prepared when each batch reached ``encode``."""
+
+    def __init__(self):
+        super().__init__()
+        self.prepared, self.prepared_at_encode = 0, []
+
+    def prepare(self, image):
+        self.prepared += 1
+        return image.resize((image.width // 2, image.height // 2), Image.BILINEAR)
+
+    def encode(self, images, prompts):
+        self.prepared_at_encode.append(self.prepared)
+        assert all(image.size == (16, 16) for image in images)  # prepared before encode
+        return super().encode(images, prompts)
+
+
+def threaded_items(tmp_path):
+    (tmp_path / "dup.png").write_bytes(png_bytes(7))
+    items = []
+    for i in range(23):
+        if i % 7 == 3:
+            items.append(ItemImage(f"T{i}", f"p{i}", b"not an image"))
+        elif i % 7 == 5:
+            items.append(ItemImage(f"T{i}", f"p{i}", None if i < 12 else tmp_path / "absent.png"))
+        elif i in (6, 13):  # same bytes and prompt twice in one call: both miss, both are encoded
+            items.append(ItemImage(f"T{i}", "same", tmp_path / "dup.png"))
+        else:
+            items.append(ItemImage(f"T{i}", f"p{i}", png_bytes(i)))
+    return items
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_threaded_decoding_matches_sequential(tmp_path, workers, batch_size):
+    items = threaded_items(tmp_path)
+    warm = [item for i, item in enumerate(items) if i % 4 == 0]  # some hits in the second run
+    results = {}
+    for mode in (0, workers):
+        root = tmp_path / f"cache-{mode}"
+        extract_item_features(warm, PreparingEncoder(), FeatureCache(root), batch_size, False, workers=mode)
+        encoder, cache = PreparingEncoder(), FeatureCache(root)
+        features = extract_item_features(items, encoder, cache, batch_size, False, workers=mode)
+        entries = sorted(path.name for path in root.rglob("*.npy"))
+        results[mode] = features, encoder.calls, (cache.hits, cache.misses), entries
+        if mode:  # decoding runs at most one batch ahead of the encoder
+            for k, prepared in enumerate(encoder.prepared_at_encode):
+                assert prepared <= (k + 2) * batch_size
+    sequential, threaded = results[0], results[workers]
+    assert np.array_equal(sequential[0], threaded[0])
+    assert sequential[1:] == threaded[1:]
+    calls, (hits, misses) = sequential[1], sequential[2]
+    assert sum(map(len, calls)) == 23 - 6 - 5 and sum(call.count("same") for call in calls) == 2
+    assert (hits, misses) == (5, 23 - 3 - 5)  # the 3 absent images are never looked up
+
+
+def test_threaded_decoding_is_the_default_and_checks_workers(tmp_path):
+    items = threaded_items(tmp_path)
+    reference = extract_item_features(items, CountingEncoder(), None, 4, False, workers=0)
+    assert np.array_equal(extract_item_features(items, CountingEncoder(), None, 4, False), reference)
+    with pytest.raises(ValueError, match="workers"):
+        extract_item_features(items, CountingEncoder(), None, 4, False, workers=-1)
+
+
+def test_jpeg_draft_decodes_large_jpegs_smaller():
+    from reveal_recbole.fve.extract import _decode
+
+    buffer = io.BytesIO()
+    image(0, (400, 300)).save(buffer, format="JPEG")
+    jpeg = buffer.getvalue()
+    assert _decode(jpeg).size == (400, 300)
+    assert _decode(jpeg, (64, 64)).size == (100, 75)  # 1/4 scale: the smallest still >= 64 px
+    assert _decode(png_bytes(0, (400, 300)), (64, 64)).size == (400, 300)  # only JPEGs

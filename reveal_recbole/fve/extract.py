@@ -20,6 +20,8 @@ import importlib.util
 import io
 import logging
 import os
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -40,6 +42,16 @@ class ImageEncoder(abc.ABC):
 
     name: str
     dim: int
+    # (width, height) an image needs at least, or None: JPEGs larger than twice that are decoded
+    # at a reduced DCT scale (PIL's ``Image.draft``). This changes the pixels, so an encoder that
+    # sets it must say so in ``name`` (its features differ from those of full decodes).
+    draft_size: tuple[int, int] | None = None
+
+    def prepare(self, image: Image.Image) -> Image.Image:
+        """Per-image preprocessing that :func:`extract_item_features` runs in its decode threads
+        (PIL releases the GIL), before :meth:`encode` sees the batch. It must not change
+        :meth:`encode`'s result: encoding ``prepare(image)`` equals encoding ``image``. Default: none."""
+        return image
 
     @abc.abstractmethod
     def encode(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
@@ -214,12 +226,25 @@ def _image_bytes(source: str | os.PathLike | bytes | None) -> bytes | None:
         return None
 
 
-def _decode(data: bytes) -> Image.Image | None:
+def _decode(data: bytes, draft_size: tuple[int, int] | None = None) -> Image.Image | None:
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if draft_size is not None and image.format == "JPEG":
+                image.draft("RGB", draft_size)  # DCT scaling: a smaller image, at least draft_size
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
+
+
+def _load(data: bytes, encoder: ImageEncoder) -> Image.Image | None:
+    """Decode ``data`` and run the encoder's per-image preparation (in a decode thread)."""
+    image = _decode(data, encoder.draft_size)
+    return None if image is None else encoder.prepare(image)
+
+
+def default_decode_workers() -> int:
+    """Decode threads: as many as CPUs, at most 4 (decoding is a fraction of the network's cost)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def extract_item_features(
@@ -228,6 +253,7 @@ def extract_item_features(
     cache: FeatureCache | None = None,
     batch_size: int = 16,
     show_progress: bool = True,
+    workers: int | None = None,
 ) -> np.ndarray:
     """``(len(items), encoder.dim)`` float32 features, row ``i`` for ``items[i]``.
 
@@ -235,35 +261,70 @@ def extract_item_features(
     ``batch_size`` and stored. Items whose image is absent (None, a missing file, or bytes PIL
     cannot decode) get :func:`missing_image_vector` and are never cached. Write the result with
     ``reveal_recbole.data.features.write_item_features(dir, dataset, "image", tokens, features)``.
+
+    Each image's bytes are read once: hashed for the cache key and, on a miss, decoded from the
+    same bytes. Decoding (and :meth:`ImageEncoder.prepare`, e.g. the resize) runs in ``workers``
+    threads (default :func:`default_decode_workers`; 0 decodes in this thread), one batch ahead:
+    while batch k runs through the encoder, batch k+1 is decoded. At most two batches of images
+    are held at a time. Batches, encoder calls, features and cache reads and writes are the same
+    for any ``workers``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    workers = default_decode_workers() if workers is None else int(workers)
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
     features = np.empty((len(items), encoder.dim), dtype=np.float32)
-    misses, missing = [], []
-    for row, item in enumerate(items):
-        data = _image_bytes(item.image)
-        if data is None:
-            missing.append(row)
-            continue
-        key = FeatureCache.key(image_digest(data), item.prompt, encoder.name)
-        cached = cache.get(key) if cache is not None else None
-        if cached is None:
-            misses.append((row, key))
-        elif cached.shape != (encoder.dim,):
-            raise ValueError(f"cached feature of shape {cached.shape} for {encoder.name}, of dim {encoder.dim}")
-        else:
-            features[row] = cached
+    missing: list[int] = []
+    missed_keys: set[str] = set()
+    counts = {"misses": 0, "absent": 0, "undecodable": 0}
 
-    absent = len(missing)
-    batches = [misses[start:start + batch_size] for start in range(0, len(misses), batch_size)]
-    for batch in tqdm(batches, desc=f"image features ({encoder.name})", disable=not show_progress):
-        decoded = [(row, key, _decode(_image_bytes(items[row].image) or b"")) for row, key in batch]
-        missing.extend(row for row, _, image in decoded if image is None)
-        decoded = [entry for entry in decoded if entry[2] is not None]
+    def lookups() -> Iterator[tuple[int, str, bytes]]:
+        """Cache misses in item order as (row, key, bytes); hits are written to ``features``."""
+        for row, item in enumerate(items):
+            data = _image_bytes(item.image)
+            if data is None:
+                missing.append(row)
+                counts["absent"] += 1
+                continue
+            key = FeatureCache.key(image_digest(data), item.prompt, encoder.name)
+            if cache is None:
+                cached = None
+            elif key in missed_keys:
+                # Missed earlier in this call and perhaps stored since: a miss, as when every
+                # lookup came before the first write.
+                cache.misses += 1
+                cached = None
+            else:
+                cached = cache.get(key)
+            if cached is None:
+                missed_keys.add(key)
+                counts["misses"] += 1
+                yield row, key, data
+            elif cached.shape != (encoder.dim,):
+                raise ValueError(f"cached feature of shape {cached.shape} for {encoder.name}, of dim {encoder.dim}")
+            else:
+                features[row] = cached
+
+    def batches() -> Iterator[list[tuple[int, str, bytes]]]:
+        batch = []
+        for miss in lookups():
+            batch.append(miss)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def encode(batch: list[tuple[int, str, bytes]], images: list[Image.Image | None]) -> None:
+        failed = [row for (row, _, _), image in zip(batch, images) if image is None]
+        missing.extend(failed)
+        counts["undecodable"] += len(failed)
+        decoded = [(row, key, image) for (row, key, _), image in zip(batch, images) if image is not None]
         if not decoded:
-            continue
-        images, prompts = [image for _, _, image in decoded], [items[row].prompt for row, _, _ in decoded]
-        vectors = np.asarray(encoder.encode(images, prompts))
+            return
+        prompts = [items[row].prompt for row, _, _ in decoded]
+        vectors = np.asarray(encoder.encode([image for _, _, image in decoded], prompts))
         if vectors.shape != (len(decoded), encoder.dim) or not np.isfinite(vectors).all():
             raise ValueError(
                 f"encoder {encoder.name} returned shape {vectors.shape} or non-finite values for {len(decoded)} images"
@@ -273,10 +334,34 @@ def extract_item_features(
             if cache is not None:
                 cache.put(key, vector)
 
+    progress = tqdm(desc=f"image features ({encoder.name})", unit="batch", disable=not show_progress)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="fve-decode") if workers else None
+    try:
+        if pool is None:
+            for batch in batches():
+                encode(batch, [_load(data, encoder) for _, _, data in batch])
+                progress.update()
+        else:
+            previous: tuple[list, list[Future]] | None = None
+            for batch in batches():  # reading and hashing batch k+1 overlaps decoding batch k
+                loading = [pool.submit(_load, data, encoder) for _, _, data in batch]
+                if previous is not None:  # the encoder runs batch k while batch k+1 decodes
+                    encode(previous[0], [future.result() for future in previous[1]])
+                    progress.update()
+                previous = (batch, loading)
+            if previous is not None:
+                encode(previous[0], [future.result() for future in previous[1]])
+                progress.update()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        progress.close()
+
     for row in missing:
         features[row] = missing_image_vector(items[row].token, encoder.dim)
     logger.info(
         "image features: %d items, %d read from cache, %d encoded, %d without a usable image",
-        len(items), len(items) - len(misses) - absent, len(misses) - (len(missing) - absent), len(missing),
+        len(items), len(items) - counts["misses"] - counts["absent"], counts["misses"] - counts["undecodable"],
+        len(missing),
     )
     return features
