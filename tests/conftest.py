@@ -5,6 +5,7 @@ Every run writes only under pytest's tmp_path (data, checkpoints, RecBole's ./lo
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import shutil
 import sys
@@ -45,6 +46,17 @@ def _read_tiny_subset() -> tuple[list[str], dict[str, tuple[list[str], np.ndarra
         rows = [i for i, token in enumerate(tokens) if token in items]
         features[modality] = ([tokens[i] for i in rows], np.asarray(array[rows], dtype=np.float32))
     return [header, *kept], features
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """Import a top-level script of the repository (``run_reveal.py``, ``run_hyper.py``) as a module."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_configure(config):

@@ -1,20 +1,11 @@
 """run_reveal.py turns bad input into one ``error:`` line naming the key, file or value (no traceback)."""
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_cli():
-    spec = importlib.util.spec_from_file_location("run_reveal_cli", ROOT / "run_reveal.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def run_cli(monkeypatch, tiny_config, *args: str) -> str:
@@ -23,7 +14,7 @@ def run_cli(monkeypatch, tiny_config, *args: str) -> str:
             f"--checkpoint_dir={tiny_config['checkpoint_dir']}", "--state=ERROR", "--epochs=1"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as excinfo:
-        load_cli().main(argv[1:])
+        load_script("run_reveal").main(argv[1:])
     message = str(excinfo.value.code)
     assert message.startswith("error: ") and "Traceback" not in message
     return message

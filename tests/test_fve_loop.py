@@ -7,7 +7,6 @@ features by a plain run. Also the image/metadata/review sources and the backend 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -25,7 +24,8 @@ from reveal_recbole.fve.sources import ItemImageSource, ItemText, read_item_text
 from reveal_recbole.quick_start import run_reveal
 from reveal_recbole.trainer import REVEALTrainer
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
+
 DATASET = "scientific"
 NO_IMAGE = 3  # the first items of the .inter file get no image: the fallback vector
 
@@ -228,9 +228,7 @@ def test_prompt_blind_encoder_rounds_are_not_retrained(fve_config, tmp_path, mon
 
 
 def test_cli_dispatches_to_the_loop(fve_config, tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("run_reveal_cli", ROOT / "run_reveal.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("run_reveal")
     monkeypatch.setattr(loop, "build_encoder", lambda config: StandInEncoder())
     output = tmp_path / "cli"
     argv = ["run_reveal.py", "--model=SASRecREVEAL", f"--dataset={DATASET}", "--fve_rounds=1",

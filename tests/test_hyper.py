@@ -1,19 +1,13 @@
 """run_hyper.py: RecBole's HyperTuning over our objective_function, on a 2-point space of the tiny set."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import yaml
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_run_hyper():
-    spec = importlib.util.spec_from_file_location("run_hyper", ROOT / "run_hyper.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_example_params_files_parse():
@@ -33,7 +27,7 @@ def test_run_hyper_exhaustive_two_points(tiny_config, tmp_path):
     params_file.write_text("fusion choice ['sum','gated']\n")
     output = tmp_path / "hyper.result"
 
-    hp = load_run_hyper().main([
+    hp = load_script("run_hyper").main([
         f"--config_files={config_file}", f"--params_file={params_file}",
         f"--output_file={output}", "--algo=exhaustive",
     ])
