@@ -10,7 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dataset_prep import convert_amazon, convert_decorec, convert_s3rec, convert_unisrec, make_synthetic  # noqa: E402
+from dataset_prep import (  # noqa: E402
+    convert_amazon, convert_decorec, convert_s3rec, convert_unisrec, download_images, make_synthetic,
+)
 
 TOOLS = {
     "convert_s3rec": (convert_s3rec, "S3-Rec"),
@@ -18,6 +20,7 @@ TOOLS = {
     "convert_unisrec": (convert_unisrec, "UniSRec"),
     "convert_decorec": (convert_decorec, "DeCoRec"),
     "make_synthetic": (make_synthetic, "visual"),
+    "download_images": (download_images, "images.tsv"),
 }
 
 
