@@ -323,7 +323,7 @@ def test_threaded_decoding_is_the_default_and_checks_workers(tmp_path):
 
 
 def test_jpeg_draft_decodes_large_jpegs_smaller():
-    from reveal_recbole.fve.extract import _decode
+    from reveal_recbole.image_io import decode_image as _decode
 
     buffer = io.BytesIO()
     image(0, (400, 300)).save(buffer, format="JPEG")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import abc
 import hashlib
 import importlib.util
-import io
 import logging
 import os
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from reveal_recbole.fve.cache import FeatureCache, image_digest
+from reveal_recbole.image_io import ImageRejected, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -226,20 +226,17 @@ def _image_bytes(source: str | os.PathLike | bytes | None) -> bytes | None:
         return None
 
 
-def _decode(data: bytes, draft_size: tuple[int, int] | None = None) -> Image.Image | None:
+def _describe(source: str | os.PathLike | bytes | None) -> str:
+    return f"({len(source)} bytes)" if isinstance(source, bytes) else str(source)
+
+
+def _load(data: bytes, encoder: ImageEncoder) -> Image.Image | ImageRejected:
+    """Decode ``data`` and run the encoder's per-image preparation (in a decode thread);
+    a rejected image comes back as its :class:`ImageRejected` (logged with the item)."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if draft_size is not None and image.format == "JPEG":
-                image.draft("RGB", draft_size)  # DCT scaling: a smaller image, at least draft_size
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-
-
-def _load(data: bytes, encoder: ImageEncoder) -> Image.Image | None:
-    """Decode ``data`` and run the encoder's per-image preparation (in a decode thread)."""
-    image = _decode(data, encoder.draft_size)
-    return None if image is None else encoder.prepare(image)
+        return encoder.prepare(decode_image(data, encoder.draft_size))
+    except ImageRejected as error:
+        return error
 
 
 def default_decode_workers() -> int:
@@ -316,11 +313,13 @@ def extract_item_features(
         if batch:
             yield batch
 
-    def encode(batch: list[tuple[int, str, bytes]], images: list[Image.Image | None]) -> None:
-        failed = [row for (row, _, _), image in zip(batch, images) if image is None]
-        missing.extend(failed)
-        counts["undecodable"] += len(failed)
-        decoded = [(row, key, image) for (row, key, _), image in zip(batch, images) if image is not None]
+    def encode(batch: list[tuple[int, str, bytes]], images: list[Image.Image | ImageRejected]) -> None:
+        for (row, _, _), image in zip(batch, images):
+            if isinstance(image, ImageRejected):
+                logger.warning("item %s: image %s skipped: %s", items[row].token, _describe(items[row].image), image)
+                missing.append(row)
+                counts["undecodable"] += 1
+        decoded = [(row, key, image) for (row, key, _), image in zip(batch, images) if not isinstance(image, ImageRejected)]
         if not decoded:
             return
         prompts = [items[row].prompt for row, _, _ in decoded]
