@@ -94,6 +94,8 @@ def run_reveal(model=None, dataset=None, config_file_list=None, config_dict=None
     logger.info(set_color("FLOPs", "blue") + f": {flops}")
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    if config["resume_file"]:
+        trainer.resume_checkpoint(config["resume_file"])
     start = time.perf_counter()
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]

@@ -15,6 +15,7 @@
   without one), so later runs in the same process (``compare``, seeds) would write into the first
   run's folder: a run whose folder is not its own gets ``log_tensorboard/<model>-<dataset>-<time>``.
 - Checkpoints load under torch >= 2.6 (``with_trusted_checkpoints``).
+- Resume points after every epoch, and atomic checkpoints (``trainer/resume.py``).
 """
 from __future__ import annotations
 
@@ -25,11 +26,13 @@ import time
 from typing import Iterator, Mapping
 
 import torch.distributed as dist
+from recbole.trainer import Trainer
 from recbole.utils import get_local_time
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from reveal_recbole.distributed import broadcast_from_rank0, is_distributed, is_main_process
+from reveal_recbole.trainer.resume import with_resume_points
 from reveal_recbole.utils import with_trusted_checkpoints
 
 
@@ -72,7 +75,11 @@ def _single_process_view(config) -> Iterator[None]:
 def extend_trainer(trainer_class: type) -> type:
     """``trainer_class`` (a RecBole trainer) with CPU DDP, one DDP checkpoint and full tensorboard scalars."""
 
-    class ExtendedTrainer(with_trusted_checkpoints(trainer_class)):
+    base = with_trusted_checkpoints(trainer_class)
+    if issubclass(trainer_class, Trainer):  # not RecBole's tree-model trainers
+        base = with_resume_points(base)
+
+    class ExtendedTrainer(base):
         def __init__(self, config, model):
             cpu_ddp = is_distributed(config) and config["device"].type == "cpu"
             with _single_process_view(config) if cpu_ddp else contextlib.nullcontext():

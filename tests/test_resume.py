@@ -1,0 +1,126 @@
+"""Training resumes from a resume point and ends exactly as the uninterrupted run does."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from recbole.data import data_preparation
+from recbole.utils import init_seed
+
+from reveal_recbole.config import Config
+from reveal_recbole.data.utils import create_dataset
+from reveal_recbole.errors import UserInputError
+from reveal_recbole.quick_start import run_reveal
+from reveal_recbole.trainer.resume import resume_point_file
+from reveal_recbole.utils import get_model, get_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def build(settings, model="SASRecREVEAL", model_seed=None):
+    config = Config(model=model, dataset="scientific", config_dict=settings)
+    init_seed(config["seed"], config["reproducibility"])
+    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
+    init_seed(config["seed"] if model_seed is None else model_seed, config["reproducibility"])
+    net = get_model(model)(config, train_data._dataset)
+    trainer = get_trainer(config["MODEL_TYPE"], model)(config, net)
+    return net, trainer, train_data, valid_data, test_data
+
+
+def crash_after(epoch):
+    def callback(epoch_idx, valid_score):
+        if epoch_idx == epoch:
+            raise Crash(f"killed after epoch {epoch_idx}")
+    return callback
+
+
+@pytest.fixture
+def settings(tiny_config):
+    # dropout and AVL draw random numbers and keep state: both must survive the restart
+    return tiny_config | {"epochs": 4, "stopping_step": 100, "avl": True, "hidden_dropout_prob": 0.3}
+
+
+@pytest.mark.parametrize("model", ["SASRecREVEAL", "GRU4Rec"])
+def test_resumed_training_equals_uninterrupted(settings, model):
+    net, trainer, train_data, valid_data, test_data = build(settings, model)
+    best_score, best_result = trainer.fit(train_data, valid_data)
+    expected = trainer.evaluate(test_data, load_best_model=True)
+    assert not os.path.exists(trainer.resume_file)  # removed once training ended
+
+    _, crashed, train_data, valid_data, _ = build(settings, model)
+    with pytest.raises(Crash):
+        crashed.fit(train_data, valid_data, callback_fn=crash_after(1))
+    assert os.path.isfile(crashed.resume_file)
+
+    # a new process: different model init and RNG streams, all overwritten by the resume point
+    resumed_net, resumed, train_data, valid_data, test_data = build(settings, model, model_seed=7)
+    resumed.resume_checkpoint(crashed.resume_file)
+    assert resumed.start_epoch == 2 and resumed.saved_model_file == crashed.saved_model_file
+    assert resumed.fit(train_data, valid_data) == (best_score, best_result)
+    assert resumed.evaluate(test_data, load_best_model=True) == expected
+    assert sorted(resumed.train_loss_dict.items()) == sorted(trainer.train_loss_dict.items())
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(resumed_net.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_resume_file_of_another_model_is_refused(settings):
+    _, crashed, train_data, valid_data, _ = build(settings)
+    with pytest.raises(Crash):
+        crashed.fit(train_data, valid_data, callback_fn=crash_after(0))
+    _, other, *_ = build(settings, "SASRec")
+    with pytest.raises(UserInputError, match="saved by SASRecREVEAL"):
+        other.resume_checkpoint(crashed.resume_file)
+    with pytest.raises(UserInputError, match="no checkpoint file"):
+        other.resume_checkpoint(Path(crashed.resume_file).with_name("absent.pth"))
+
+
+def test_plain_recbole_checkpoint_still_resumes(settings):
+    _, trainer, train_data, valid_data, _ = build(settings | {"epochs": 2})
+    trainer.fit(train_data, valid_data)
+    _, fresh, *_ = build(settings)
+    fresh.resume_checkpoint(trainer.saved_model_file)  # RecBole's own format: from its epoch on
+    assert fresh.start_epoch >= 1 and fresh.saved_model_file == trainer.saved_model_file
+
+
+def test_killed_cli_run_resumes_to_the_uninterrupted_result(settings, tmp_path):
+    """SIGKILL the real CLI mid-training; ``--resume_file`` finishes it with the uninterrupted metrics."""
+    settings = settings | {"epochs": 12}
+    expected = run_reveal("SASRecREVEAL", "scientific", config_dict=settings)["test_result"]
+
+    checkpoints = tmp_path / "killed"
+    args = [f"--{key}={json.dumps(value) if not isinstance(value, str) else value}" for key, value in
+            (settings | {"checkpoint_dir": str(checkpoints), "visual_utilisation": False}).items()]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "run_reveal.py"), "--model=SASRecREVEAL",
+                                "--dataset=scientific", *args], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    resume_points: list[Path] = []
+    while not resume_points and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        resume_points = list(checkpoints.glob("*-resume.pth")) if checkpoints.exists() else []
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert resume_points, "the run ended before writing a resume point"
+    assert not list(checkpoints.glob("*.partial"))
+
+    result = run_reveal("SASRecREVEAL", "scientific", config_dict=settings | {
+        "checkpoint_dir": str(checkpoints), "resume_file": str(resume_points[0])})
+    assert result["test_result"] == expected
+    assert result["epochs"] == settings["epochs"]
+    assert not resume_points[0].exists()
+
+
+def test_resume_point_name():
+    assert resume_point_file("saved/SASRec-Nov-25-2026_10-00-00.pth") == "saved/SASRec-Nov-25-2026_10-00-00-resume.pth"
