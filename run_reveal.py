@@ -29,6 +29,8 @@ def main(argv=None) -> None:
     parser.add_argument("--config_files", default=None, help="space-separated yaml config files")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds: compare runs every model once per seed")
     parser.add_argument("--output_dir", default="results", help="where --model=A,B writes its comparison table")
+    parser.add_argument("--resume_compare", default=None,
+                        help="a -runs.json of an interrupted comparison: run only the (model, seed) pairs it lacks")
     parser.add_argument("--nproc", type=int, default=1, help="processes for DDP training of one model")
     parser.add_argument("--world_size", type=int, default=-1, help="processes over all nodes (default: nproc)")
     parser.add_argument("--ip", default="localhost", help="address of the rank-0 node")
@@ -49,7 +51,8 @@ def main(argv=None) -> None:
                 ip=args.ip, port=args.port, group_offset=args.group_offset)
         else:
             seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-            compare(models, args.dataset, seeds, config_file_list=config_files, output_dir=args.output_dir)
+            compare(models, args.dataset, seeds, config_file_list=config_files, output_dir=args.output_dir,
+                    resume=args.resume_compare)
     except (UserInputError, yaml.YAMLError) as error:
         sys.exit(f"error: {error}")
 

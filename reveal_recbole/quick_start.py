@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import statistics
 import sys
@@ -22,7 +23,7 @@ from recbole.utils import get_flops, init_logger, init_seed, set_color
 from reveal_recbole.config import Config
 from reveal_recbole.data import create_dataset
 from reveal_recbole.diagnostics import plot_diagnostics, visual_utilisation
-from reveal_recbole.errors import ConfigError
+from reveal_recbole.errors import ConfigError, UserInputError
 from reveal_recbole.utils import atomic_write_text, get_model, get_trainer
 
 REPORT_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
@@ -241,29 +242,65 @@ def markdown_table(rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare(models, dataset, seeds=None, config_file_list=None, config_dict=None, output_dir="results", saved=True):
+def _run_record(spec: str, result: dict) -> dict:
+    """What the comparison table needs of one run, as JSON."""
+    keys = ("seed", "test_result", "epochs", "train_seconds", "utilisation")
+    return json.loads(json.dumps({"spec": spec} | {k: result[k] for k in keys if k in result}, default=float))
+
+
+def read_run_records(path: str | Path) -> list[dict]:
+    """The finished runs recorded by an earlier (perhaps interrupted) ``compare``."""
+    try:
+        records = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserInputError(f"cannot resume the comparison: no file {path}") from None
+    except json.JSONDecodeError as error:
+        raise UserInputError(f"cannot resume the comparison: {path} is not a runs file ({error})") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) and {"spec", "seed", "test_result"} <= set(r) for r in records):
+        raise UserInputError(f"cannot resume the comparison: {path} is not a list of run records")
+    return records
+
+
+def compare(models, dataset, seeds=None, config_file_list=None, config_dict=None, output_dir="results", saved=True,
+            resume=None):
     """Run each model spec (``Name`` or ``Name[key=value,...]``) for each seed on one dataset and config.
 
     Every model sees the same data, leave-one-out split and seed list. Writes
     ``compare-<dataset>-<time>.md`` / ``.csv`` (the summary) and ``-runs.csv`` (one row per run).
+    Each finished run is recorded at once in ``-runs.json``; ``resume=<that file>`` reruns only
+    the (model, seed) pairs it lacks and writes the tables next to it.
     """
+    if resume is not None:
+        stem = Path(resume).with_name(Path(resume).name.removesuffix("-runs.json"))
+        records = read_run_records(resume)
+    else:
+        stem = Path(output_dir) / f"compare-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        records = []
+    runs_file = stem.with_name(stem.name + "-runs.json")
+
+    def wanted(record: dict, spec: str, seed: int | None) -> bool:
+        return record["spec"] == spec and (seed is None or record["seed"] == seed)
+
     results: dict[str, list[dict]] = {}
-    run_rows = [["model", "seed", *REPORT_METRICS, "epochs", "train_seconds"]]
     for spec in models:
         model, overrides = parse_model_spec(spec)
         for seed in seeds or [None]:  # None: the configured seed
-            settings = dict(config_dict or {}) | overrides | ({} if seed is None else {"seed": seed})
-            result = run_reveal(model, dataset, config_file_list, settings, saved=saved)
-            results.setdefault(spec, []).append(result)
-            run_rows.append([spec, result["seed"], *(result["test_result"][m] for m in REPORT_METRICS),
-                             result["epochs"], f"{result['train_seconds']:.1f}"])
+            finished = [r for r in records if wanted(r, spec, seed)]
+            if not finished:
+                settings = dict(config_dict or {}) | overrides | ({} if seed is None else {"seed": seed})
+                finished = [_run_record(spec, run_reveal(model, dataset, config_file_list, settings, saved=saved))]
+                records += finished
+                atomic_write_text(runs_file, json.dumps(records, indent=1) + "\n")
+            results.setdefault(spec, []).append(finished[0])
+    run_rows = [["model", "seed", *REPORT_METRICS, "epochs", "train_seconds"]]
+    run_rows += [[r["spec"], r["seed"], *(r["test_result"][m] for m in REPORT_METRICS), r["epochs"],
+                  f"{r['train_seconds']:.1f}"] for runs in results.values() for r in runs]
     rows = comparison_table(summarise(results))
-    stem = Path(output_dir) / f"compare-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     atomic_write_text(stem.with_suffix(".md"), markdown_table(rows))
     atomic_write_text(stem.with_suffix(".csv"), csv_text(rows))
     atomic_write_text(stem.with_name(stem.name + "-runs.csv"), csv_text(run_rows))
     print(markdown_table(rows))
-    print(f"saved {stem.with_suffix('.md')}, {stem.with_suffix('.csv')} and {stem.name}-runs.csv")
+    print(f"saved {stem.with_suffix('.md')}, {stem.with_suffix('.csv')} and {stem.name}-runs.csv/.json")
     return results, rows
 
 

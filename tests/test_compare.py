@@ -130,3 +130,39 @@ def test_parse_model_spec(spec, expected):
 def test_parse_model_spec_rejects_bad_specs(spec):
     with pytest.raises(ValueError, match="spec"):
         quick_start.parse_model_spec(spec)
+
+
+def test_interrupted_compare_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch):
+    """Each finished run is on disk at once; a resumed comparison runs only the missing pairs."""
+    calls = []
+
+    def stub_run(model, dataset, config_file_list, settings, saved=True):
+        calls.append((model, settings["seed"]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the machine goes away during the third run
+        run = fake_run(0.07 + settings["seed"] % 10 / 1000 + (0.01 if "REVEAL" in model else 0), 0.2)
+        return run | {"seed": settings["seed"], "utilisation": {"drop": {"image": {"ndcg@10": 0.01}}}}
+
+    monkeypatch.setattr(quick_start, "run_reveal", stub_run)
+    with pytest.raises(KeyboardInterrupt):
+        compare(MODELS, "scientific", seeds=[1, 2], output_dir=str(tmp_path))
+    (runs_file,) = tmp_path.glob("*-runs.json")
+    assert [(r["spec"], r["seed"]) for r in quick_start.read_run_records(runs_file)] == [("SASRec", 1), ("SASRec", 2)]
+
+    calls.clear()
+    results, rows = compare(MODELS, "scientific", seeds=[1, 2], output_dir="ignored", resume=str(runs_file))
+    assert calls == [("SASRecREVEAL", 1), ("SASRecREVEAL", 2)]
+    assert [r["seed"] for r in results["SASRec"]] == [1, 2] and [r["seed"] for r in results["SASRecREVEAL"]] == [1, 2]
+    assert results["SASRec"][1]["test_result"]["ndcg@10"] == pytest.approx(0.072)
+    stem = runs_file.name.removesuffix("-runs.json")
+    assert (tmp_path / f"{stem}.md").is_file() and (tmp_path / f"{stem}-runs.csv").is_file()
+    assert rows[2][0] == "SASRecREVEAL" and rows[2][1] == "2"
+
+
+def test_resume_from_a_bad_runs_file_is_one_clear_error(tmp_path):
+    bad = tmp_path / "x-runs.json"
+    bad.write_text("{not json")
+    with pytest.raises(quick_start.UserInputError, match="not a runs file"):
+        compare(MODELS, "scientific", seeds=[1], resume=str(bad))
+    with pytest.raises(quick_start.UserInputError, match="no file"):
+        compare(MODELS, "scientific", seeds=[1], resume=str(tmp_path / "absent-runs.json"))
