@@ -19,3 +19,7 @@ class FeatureFileError(UserInputError, ValueError):
 
 class DatasetNotPreparedError(UserInputError, FileNotFoundError):
     """A dataset whose files are missing; the message names them and the command that makes them."""
+
+
+class DatasetFileError(UserInputError, ValueError):
+    """A dataset file (``.inter``, ``.item``) RecBole cannot read; the message names the file, line and column."""

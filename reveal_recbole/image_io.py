@@ -9,6 +9,8 @@ pixels) and merely warns below that, so a few hundred bytes of PNG can still ask
 from __future__ import annotations
 
 import io
+import re
+import struct
 
 from PIL import Image
 
@@ -41,7 +43,8 @@ def decode_image(data: bytes, draft_size: tuple[int, int] | None = None, max_pix
             rgb = image.convert("RGB")  # decodes every pixel: truncated data fails here
     except ImageRejected:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ImageRejected(f"not a readable image ({type(error).__name__}: {' '.join(str(error).split())})") from error
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError) as error:
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the data", " ".join(str(error).split()))
+        raise ImageRejected(f"not a readable image ({type(error).__name__}: {reason})") from error
     rgb.format = source_format
     return rgb

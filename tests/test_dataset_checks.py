@@ -11,6 +11,7 @@ import yaml
 from reveal_recbole import Config
 from reveal_recbole.config import known_datasets
 from reveal_recbole.data import DatasetNotPreparedError, MultimodalSequentialDataset, create_dataset
+from reveal_recbole.errors import DatasetFileError
 from reveal_recbole.utils import PACKAGE_DIR, properties_dir
 
 REPO_ROOT = PACKAGE_DIR.parent
@@ -111,3 +112,60 @@ def test_cli_exits_with_an_error_message_and_no_traceback(tmp_path, dataset, exp
     assert len(error_lines) == 1, result.stderr[-2000:]
     assert expected in error_lines[0] and repr(dataset) in error_lines[0]
     assert not (tmp_path / dataset).exists()  # nothing was downloaded or created
+
+
+def edit_interactions(tiny_data: Path, edit) -> Path:
+    """Rewrite the tiny set's ``.inter`` lines with ``edit(header, rows) -> (header, rows)``."""
+    path = tiny_data / "scientific" / "scientific.inter"
+    header, *rows = path.read_text(encoding="utf-8").splitlines()
+    header, rows = edit(header, rows)
+    path.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    return path
+
+
+def drop_column(index):
+    def edit(header, rows):
+        keep = lambda line: "\t".join(v for i, v in enumerate(line.split("\t")) if i != index)  # noqa: E731
+        return keep(header), [keep(r) for r in rows]
+    return edit
+
+
+BAD_INTERACTIONS = {
+    "no timestamp column": (drop_column(2), "missing column(s) timestamp"),
+    "no item column": (drop_column(1), "missing column(s) item_id"),
+    "header without types": (lambda h, r: (h.replace(":token", ""), r), "not name:type"),
+    "timestamp typed token": (lambda h, r: (h.replace("timestamp:float", "timestamp:token"), r), "must be float"),
+    "non-numeric timestamp": (lambda h, r: (h, r[:4] + [r[4].rsplit("\t", 1)[0] + "\tyesterday"] + r[5:]),
+                              "line 6: timestamp is 'yesterday', not a number"),
+    "short row": (lambda h, r: (h, r[:2] + [r[2].rsplit("\t", 1)[0]] + r[3:]), "line 4: 2 columns, the header has 3"),
+    "empty timestamp": (lambda h, r: (h, r[:2] + [r[2].rsplit("\t", 1)[0] + "\t"] + r[3:]), "line 4: empty timestamp"),
+}
+
+
+@pytest.mark.parametrize("model", ["SASRec", "SASRecREVEAL"])
+@pytest.mark.parametrize("case", list(BAD_INTERACTIONS))
+def test_malformed_interaction_file_names_file_line_and_column(tiny_config, tiny_data, case, model):
+    edit, expected = BAD_INTERACTIONS[case]
+    path = edit_interactions(tiny_data, edit)
+    with pytest.raises(DatasetFileError) as excinfo:
+        create_dataset(Config(model=model, dataset="scientific", config_dict=tiny_config))
+    assert expected in str(excinfo.value) and str(path) in str(excinfo.value)
+
+
+def test_users_with_one_interaction_are_reported(tiny_config, tiny_data, caplog):
+    edit_interactions(tiny_data, lambda h, r: (h, r + [f"lonely\t{r[0].split(chr(9))[1]}\t7", f"alone\t{r[1].split(chr(9))[1]}\t8"]))
+    dataset = create_dataset(Config(model="SASRec", dataset="scientific", config_dict=tiny_config))
+    assert dataset.user_num - 1 == 152  # the two are kept, as RecBole does ...
+    assert any("2 user(s) have a single interaction" in r.getMessage() for r in caplog.records)  # ... and reported
+
+
+def test_cli_reports_a_bad_timestamp_in_one_line(tiny_config, tiny_data, tmp_path):
+    edit_interactions(tiny_data, BAD_INTERACTIONS["non-numeric timestamp"][0])
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run_reveal.py"), "--model=SASRec", "--dataset=scientific",
+         f"--data_path={tiny_data}", f"--checkpoint_dir={tmp_path / 'saved'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: {tiny_data / 'scientific' / 'scientific.inter'} line 6: timestamp is 'yesterday', not a number"]

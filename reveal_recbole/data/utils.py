@@ -3,7 +3,13 @@ from __future__ import annotations
 
 from recbole.data import create_dataset as recbole_create_dataset
 
-from reveal_recbole.data.dataset import MultimodalSequentialDataset, require_dataset_files
+from logging import getLogger
+
+from reveal_recbole.data.dataset import (
+    MultimodalSequentialDataset,
+    require_dataset_files,
+    users_with_one_interaction,
+)
 from reveal_recbole.utils import get_dataset_class
 
 
@@ -11,4 +17,11 @@ def create_dataset(config):
     """Check the dataset's files (never RecBole's download attempt), then build it the RecBole way."""
     multimodal = issubclass(get_dataset_class(config), MultimodalSequentialDataset)
     require_dataset_files(config, multimodal=multimodal)
-    return recbole_create_dataset(config)
+    dataset = recbole_create_dataset(config)
+    single = users_with_one_interaction(dataset)
+    if single:
+        getLogger().warning(
+            f"{config['dataset']}: {single} user(s) have a single interaction: no training sequence and no "
+            "evaluation target comes from them (filter them with user_inter_num_interval: \"[2,inf)\" or dataset_prep's k-core)"
+        )
+    return dataset
