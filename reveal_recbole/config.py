@@ -12,8 +12,10 @@ override them exactly as in RecBole:
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
+import torch
 import yaml
 from recbole.config import Config as RecBoleConfig
 
@@ -114,6 +116,18 @@ class Config(RecBoleConfig):
             init_cpu_process_group(self.final_config_dict)
         else:
             super()._init_device()
+        if self.final_config_dict["device"].type == "cpu" and self._gpu_requested():
+            # RecBole falls back to the CPU silently; a GPU the user asked for by name deserves a word
+            warnings.warn(
+                f"use_gpu/gpu_id ask for CUDA device {self.final_config_dict['gpu_id']!r}, but torch sees no CUDA "
+                f"device (torch {torch.__version__}, cuda available: {torch.cuda.is_available()}): running on CPU",
+                RuntimeWarning, stacklevel=2,
+            )
+
+    def _gpu_requested(self) -> bool:
+        """The user (a file, dict or command line, not RecBole's defaults) set use_gpu: True or a gpu_id."""
+        given = {**self.file_config_dict, **self.variable_config_dict, **self.cmd_config_dict}
+        return bool(given.get("use_gpu", "gpu_id" in given)) and str(given.get("gpu_id", "0")).strip() != ""
 
 
 def known_datasets() -> dict[str, str]:

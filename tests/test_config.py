@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import recbole
+import torch
 import yaml
 
 from reveal_recbole import Config
@@ -91,3 +92,14 @@ def test_baseline_gets_the_same_protocol(reveal_config):
 def test_model_is_required():
     with pytest.raises(KeyError, match="model"):
         Config(dataset="scientific")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only fallback")
+def test_gpu_requested_on_a_cpu_only_machine_warns_and_runs_on_cpu(recwarn):
+    quiet = Config(model="SASRec", dataset="scientific")
+    assert quiet.final_config_dict["device"].type == "cpu"
+    assert not [w for w in recwarn if "CUDA" in str(w.message)]  # RecBole's defaults alone: no warning
+
+    with pytest.warns(RuntimeWarning, match="no CUDA device .*running on CPU"):
+        config = Config(model="SASRec", dataset="scientific", config_dict={"use_gpu": True, "gpu_id": "0"})
+    assert config.final_config_dict["device"].type == "cpu"
