@@ -331,3 +331,41 @@ def test_jpeg_draft_decodes_large_jpegs_smaller():
     assert _decode(jpeg).size == (400, 300)
     assert _decode(jpeg, (64, 64)).size == (100, 75)  # 1/4 scale: the smallest still >= 64 px
     assert _decode(png_bytes(0, (400, 300)), (64, 64)).size == (400, 300)  # only JPEGs
+
+
+def bad_image_files(folder):
+    """Files from the wild in an image folder, each with what its log line must say."""
+    good = png_bytes(3)
+    jpeg = io.BytesIO()
+    image(4, (64, 48)).save(jpeg, format="JPEG")
+    bomb = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(bomb, format="PNG")  # 10 kB on disk, 81 M pixels decoded
+    files = {
+        "good": (good, None),
+        "corrupt": (b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "not a readable image"),
+        "truncated": (jpeg.getvalue()[: len(jpeg.getvalue()) // 2], "not a readable image"),
+        "zero-byte": (b"", "empty file"),
+        "bomb": (bomb.getvalue(), "decompression-bomb guard"),
+        "not-an-image": (b"<html><body>404</body></html>", "not a readable image"),
+    }
+    for name, (data, _) in files.items():
+        (folder / f"{name}.png").write_bytes(data)
+    return {name: reason for name, (_, reason) in files.items()}
+
+
+def test_bad_files_in_the_image_folder_are_logged_and_replaced(tmp_path, caplog):
+    reasons = bad_image_files(tmp_path)
+    items = [ItemImage(name, "a prompt", tmp_path / f"{name}.png") for name in reasons]
+    cache, encoder = FeatureCache(tmp_path / "cache"), CountingEncoder()
+    with caplog.at_level("WARNING"):
+        features = extract_item_features(items, encoder, cache, batch_size=4, show_progress=False)
+    assert sum(len(call) for call in encoder.calls) == 1  # only the good image reaches the encoder
+    assert np.isfinite(features).all()
+    for row, (name, reason) in enumerate(reasons.items()):
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"item {name}:")]
+        if reason is None:
+            assert not lines and not np.array_equal(features[row], missing_image_vector(name, 4))
+        else:
+            assert len(lines) == 1 and reason in lines[0] and f"{name}.png" in lines[0], lines
+            assert np.array_equal(features[row], missing_image_vector(name, 4))
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 1  # a rejected image is never cached
