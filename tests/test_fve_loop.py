@@ -303,3 +303,55 @@ def test_efficientnet_encoder_real_weights_ignore_the_prompt():
     assert np.linalg.norm(features, axis=1) == pytest.approx(np.ones(3), abs=1e-5)
     assert np.allclose(features[0], features[1], atol=1e-6)  # not prompt-conditioned
     assert not np.allclose(features[0], features[2], atol=1e-3)
+
+
+KILLABLE_RUN = """
+import json, sys
+sys.path[:0] = [{tests!r}, {root!r}]
+from test_fve_loop import StandInEncoder
+from reveal_recbole.fve.critic import OfflineCritic
+from reveal_recbole.fve.loop import run_fve
+run_fve("SASRecREVEAL", "scientific", rounds=3, config_dict=json.loads({config!r}), encoder=StandInEncoder(),
+        critic=OfflineCritic(), output_dir={output!r})
+"""
+
+
+def test_sigkilled_loop_resumes_to_the_uninterrupted_result(fve_config, tmp_path, monkeypatch):
+    """SIGKILL a real FVE process after its first feedback round; the rerun ends as an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    reference = run_fve("SASRecREVEAL", DATASET, rounds=3, config_dict=fve_config, encoder=StandInEncoder(),
+                        critic=OfflineCritic(), output_dir=tmp_path / "reference")
+    output = tmp_path / "killed"
+    tests = Path(__file__).parent
+    script = KILLABLE_RUN.format(tests=str(tests), root=str(tests.parent), config=json.dumps(fve_config), output=str(output))
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state_file, deadline = output / loop.STATE_FILE, time.monotonic() + 180
+    while process.poll() is None and time.monotonic() < deadline:
+        if state_file.is_file() and json.loads(state_file.read_text(encoding="utf-8"))["round"] >= 1:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    _, errors = process.communicate()
+    assert state_file.is_file(), errors.decode()[-3000:]
+    finished = json.loads(state_file.read_text(encoding="utf-8"))["round"]
+    assert 1 <= finished < 3, "the process ended before it could be killed mid-run"
+
+    trained, train = [], FVERun.train
+
+    def record(self, round_index, features):
+        trained.append(round_index)
+        return train(self, round_index, features)
+
+    monkeypatch.setattr(FVERun, "train", record)
+    resumed = run_fve("SASRecREVEAL", DATASET, rounds=3, config_dict=fve_config, encoder=StandInEncoder(),
+                      critic=OfflineCritic(), output_dir=output)
+    assert 0 not in trained and all(r > finished for r in trained)  # finished rounds are not trained again
+    summary = lambda res: [(r["round"], r["valid_score"], r["kept"], r["changed_prompts"]) for r in res["rounds"]]  # noqa: E731
+    assert summary(resumed) == summary(reference)
+    assert resumed["test_result"] == reference["test_result"]
+    assert history(output) == history(tmp_path / "reference")
