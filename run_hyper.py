@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -41,7 +42,24 @@ def numpy_str_alias() -> Iterator[None]:
 
 
 class REVEALHyperTuning(HyperTuning):
-    """RecBole's HyperTuning, with its ``--display_file`` plot working under numpy >= 1.24."""
+    """RecBole's HyperTuning, writing ``output_file`` after every trial (atomically: a search
+    killed after trial k keeps k trials' results), with its ``--display_file`` plot working
+    under numpy >= 1.24."""
+
+    def __init__(self, *args, output_file: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.output_file = output_file
+
+    def trial(self, params):
+        status = super().trial(params)
+        if self.output_file:
+            self.export_result(self.output_file)
+        return status
+
+    def export_result(self, output_file=None) -> None:
+        temporary = f"{output_file}.partial"
+        super().export_result(temporary)
+        os.replace(temporary, output_file)
 
     def plot_hyper(self) -> None:
         with numpy_str_alias():
@@ -71,9 +89,9 @@ def main(argv: Optional[Sequence[str]] = None) -> HyperTuning:
         params_file=args.params_file,
         fixed_config_file_list=config_file_list,
         display_file=args.display_file,
+        output_file=args.output_file,
     )
     hp.run()
-    hp.export_result(output_file=args.output_file)
     print("best params: ", hp.best_params)
     print("best result: ")
     print(hp.params2result[hp.params2str(hp.best_params)])

@@ -39,3 +39,30 @@ def test_run_hyper_exhaustive_two_points(tiny_config, tmp_path):
     for result in hp.params2result.values():
         assert result["model"] == "SASRecREVEAL"
         assert 0.0 <= result["test_result"]["ndcg@10"] <= 1.0
+
+
+def test_results_of_finished_trials_survive_a_crash(tiny_config, tmp_path, monkeypatch):
+    import pytest
+
+    import reveal_recbole.quick_start as quick_start
+
+    script = load_script("run_hyper")
+    trials = []
+
+    def objective(config_dict=None, config_file_list=None, saved=True):
+        trials.append(config_dict)
+        if len(trials) == 2:
+            raise KeyboardInterrupt  # killed during the second trial
+        return quick_start.objective_function(config_dict, config_file_list, saved)
+
+    monkeypatch.setattr(script, "objective_function", objective)
+    config_file = tmp_path / "tune.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config | {"model": "SASRecREVEAL", "dataset": "scientific"}))
+    params_file = tmp_path / "two.hyper"
+    params_file.write_text("fusion choice ['sum','gated']\n")
+    output = tmp_path / "hyper.result"
+    with pytest.raises(KeyboardInterrupt):
+        script.main([f"--config_files={config_file}", f"--params_file={params_file}", f"--output_file={output}"])
+    text = output.read_text()
+    assert text.count("Test result:") == 1 and f"fusion:{trials[0]['fusion']}" in text
+    assert not list(tmp_path.glob("*.partial"))
