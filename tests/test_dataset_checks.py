@@ -11,7 +11,7 @@ import yaml
 from reveal_recbole import Config
 from reveal_recbole.config import known_datasets
 from reveal_recbole.data import DatasetNotPreparedError, MultimodalSequentialDataset, create_dataset
-from reveal_recbole.errors import DatasetFileError
+from reveal_recbole.errors import ConfigError, DatasetFileError
 from reveal_recbole.utils import PACKAGE_DIR, properties_dir
 
 REPO_ROOT = PACKAGE_DIR.parent
@@ -169,3 +169,9 @@ def test_cli_reports_a_bad_timestamp_in_one_line(tiny_config, tiny_data, tmp_pat
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
         f"error: {tiny_data / 'scientific' / 'scientific.inter'} line 6: timestamp is 'yesterday', not a number"]
+
+
+def test_topk_beyond_the_catalogue_is_a_config_error(tiny_config):
+    config = Config(model="SASRec", dataset="scientific", config_dict=tiny_config | {"topk": [10, 100000]})
+    with pytest.raises(ConfigError, match=r"top 100000 items, but scientific has only \d+"):
+        create_dataset(config)

@@ -10,6 +10,7 @@ from reveal_recbole.data.dataset import (
     require_dataset_files,
     users_with_one_interaction,
 )
+from reveal_recbole.errors import ConfigError
 from reveal_recbole.utils import get_dataset_class
 
 
@@ -18,6 +19,12 @@ def create_dataset(config):
     multimodal = issubclass(get_dataset_class(config), MultimodalSequentialDataset)
     require_dataset_files(config, multimodal=multimodal)
     dataset = recbole_create_dataset(config)
+    largest_k = max(config["topk"] or [0]) if isinstance(config["topk"], list) else int(config["topk"] or 0)
+    if largest_k > dataset.item_num - 1:
+        raise ConfigError(
+            f"topk {config['topk']} asks for the top {largest_k} items, but {config['dataset']} has only "
+            f"{dataset.item_num - 1}: lower topk (e.g. --topk=[5,10])"
+        )
     single = users_with_one_interaction(dataset)
     if single:
         getLogger().warning(
