@@ -41,14 +41,15 @@ _TENSORBOARD_DIRS: set[str] = set()  # folders given to a trainer in this proces
 
 def _own_tensorboard(writer: SummaryWriter, config) -> SummaryWriter:
     """``writer`` if its folder is this run's (named for its model and dataset, new to this process), else a fresh one."""
-    log_dir = writer.get_logdir()
+    log_dir = os.path.abspath(writer.get_logdir())  # absolute: a later chdir cannot misdirect the writer thread
     prefix = f"{config['model']}-{config['dataset']}-"
     if log_dir in _TENSORBOARD_DIRS or not os.path.basename(log_dir).startswith(prefix):
-        writer.close()
         base = os.path.join(os.path.dirname(log_dir), prefix + get_local_time())
         log_dir, n = base, 2
         while log_dir in _TENSORBOARD_DIRS or os.path.exists(log_dir):
             log_dir, n = f"{base}-{n}", n + 1
+    if log_dir != writer.get_logdir():
+        writer.close()
         writer = SummaryWriter(log_dir)
     _TENSORBOARD_DIRS.add(log_dir)
     return writer
