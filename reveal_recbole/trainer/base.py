@@ -14,6 +14,7 @@
   RecBole names the tensorboard folder after the process's first log file (``model-<time>``
   without one), so later runs in the same process (``compare``, seeds) would write into the first
   run's folder: a run whose folder is not its own gets ``log_tensorboard/<model>-<dataset>-<time>``.
+- DDP ranks no longer race to create the checkpoint folder (RecBole's check-then-create).
 - Checkpoints load under torch >= 2.6 (``with_trusted_checkpoints``).
 - Resume points after every epoch, and atomic checkpoints (``trainer/resume.py``).
 """
@@ -82,6 +83,8 @@ def extend_trainer(trainer_class: type) -> type:
 
     class ExtendedTrainer(base):
         def __init__(self, config, model):
+            # RecBole's ensure_dir checks, then creates: DDP ranks racing there fail with FileExistsError
+            os.makedirs(config["checkpoint_dir"], exist_ok=True)
             cpu_ddp = is_distributed(config) and config["device"].type == "cpu"
             with _single_process_view(config) if cpu_ddp else contextlib.nullcontext():
                 super().__init__(config, model)
