@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import statistics
 import sys
@@ -78,6 +79,7 @@ def run_reveal(model=None, dataset=None, config_file_list=None, config_dict=None
     """
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
+    os.makedirs(os.path.join("log", config["model"]), exist_ok=True)  # RecBole's ./log/<model>: DDP ranks race there
     init_logger(config)
     logger = getLogger()
     logger.info(sys.argv)
