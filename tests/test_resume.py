@@ -124,3 +124,12 @@ def test_killed_cli_run_resumes_to_the_uninterrupted_result(settings, tmp_path):
 
 def test_resume_point_name():
     assert resume_point_file("saved/SASRec-Nov-25-2026_10-00-00.pth") == "saved/SASRec-Nov-25-2026_10-00-00-resume.pth"
+
+
+def test_resume_points_can_be_switched_off(settings):
+    _, trainer, train_data, valid_data, _ = build(settings | {"save_resume_points": False})
+    written = []
+    trainer.save_resume_point = lambda *args: written.append(args)
+    with pytest.raises(Crash):
+        trainer.fit(train_data, valid_data, callback_fn=crash_after(1))
+    assert written == [] and not os.path.exists(trainer.resume_file)

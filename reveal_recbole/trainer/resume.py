@@ -11,7 +11,8 @@ differs from the uninterrupted one. :func:`with_resume_points` adds to a RecBole
 - ``resume_checkpoint(<...-resume.pth>)`` restores all of it (a plain RecBole checkpoint still
   resumes the RecBole way), and the resumed run keeps writing to the same best checkpoint;
 - RecBole's best-model checkpoint is written atomically too (temporary file, then rename);
-- the resume point is deleted when ``fit`` returns (the best checkpoint holds the result).
+- the resume point is deleted when ``fit`` returns (the best checkpoint holds the result);
+  ``save_resume_points: False`` skips them (each is a full model + optimiser save per epoch).
 
 Single-process runs resume exactly. Under DDP only rank 0 saves, and every rank restores rank
 0's RNG streams: the run resumes correctly but not bit-for-bit.
@@ -139,7 +140,7 @@ def with_resume_points(trainer_class: type) -> type:
                 self._pending_rng = None
 
             def end_of_epoch(epoch_idx, valid_score):
-                if saved:
+                if saved and self.config["save_resume_points"] is not False:
                     self.save_resume_point(epoch_idx, train_data)
                 if callback_fn:
                     callback_fn(epoch_idx, valid_score)
