@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 from recbole.trainer import HyperTuning
 
 from reveal_recbole.quick_start import objective_function
+from reveal_recbole.utils import atomic_target
 
 
 @contextlib.contextmanager
@@ -57,9 +57,8 @@ class REVEALHyperTuning(HyperTuning):
         return status
 
     def export_result(self, output_file=None) -> None:
-        temporary = f"{output_file}.partial"
-        super().export_result(temporary)
-        os.replace(temporary, output_file)
+        with atomic_target(output_file) as temporary:
+            super().export_result(temporary)
 
     def plot_hyper(self) -> None:
         with numpy_str_alias():

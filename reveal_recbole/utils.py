@@ -15,6 +15,7 @@ import sys
 import tempfile
 import types
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -139,22 +140,33 @@ def with_trusted_checkpoints(trainer_class: type) -> type:
     return TrustedCheckpointTrainer
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_target(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary path in ``path``'s folder to write to; when the block ends, the file is synced
+    and renamed to ``path`` (readers never see half a file), or removed if the block raised."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_target`)."""
+    with atomic_target(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -65,4 +65,4 @@ def test_results_of_finished_trials_survive_a_crash(tiny_config, tmp_path, monke
         script.main([f"--config_files={config_file}", f"--params_file={params_file}", f"--output_file={output}"])
     text = output.read_text()
     assert text.count("Test result:") == 1 and f"fusion:{trials[0]['fusion']}" in text
-    assert not list(tmp_path.glob("*.partial"))
+    assert not list(tmp_path.glob(".*.tmp"))

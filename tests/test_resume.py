@@ -113,7 +113,7 @@ def test_killed_cli_run_resumes_to_the_uninterrupted_result(settings, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert resume_points, "the run ended before writing a resume point"
-    assert not list(checkpoints.glob("*.partial"))
+    assert not list(checkpoints.glob(".*.tmp"))
 
     result = run_reveal("SASRecREVEAL", "scientific", config_dict=settings | {
         "checkpoint_dir": str(checkpoints), "resume_file": str(resume_points[0])})

@@ -29,7 +29,6 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from reveal_recbole.fve.extract import ImageEncoder
+from reveal_recbole.utils import atomic_target
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -97,20 +97,13 @@ def export_onnx(network: PooledEfficientNet, name: str, image_size: int, folder:
     missing = [module for module in ("onnx", "onnxscript") if importlib.util.find_spec(module) is None]
     if missing:
         raise ImportError(f"exporting the ONNX model needs {' and '.join(missing)}: {OFFLINE_EXTRA}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     logger.info("exporting %s to ONNX once (about 10 s): %s", name, path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_target(path) as temporary:
         example = torch.zeros(2, image_size, image_size, 3, dtype=torch.uint8)
         torch.onnx.export(
             network, (example,), temporary, input_names=["pixels"], output_names=["features"],
             dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False,
         )
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return path
 
 

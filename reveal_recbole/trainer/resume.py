@@ -19,7 +19,6 @@ Single-process runs resume exactly. Under DDP only rank 0 saves, and every rank 
 """
 from __future__ import annotations
 
-import io
 import os
 import random
 
@@ -28,7 +27,7 @@ import torch
 
 from reveal_recbole.distributed import is_main_process
 from reveal_recbole.errors import UserInputError
-from reveal_recbole.utils import atomic_write_bytes, trusted_torch_load
+from reveal_recbole.utils import atomic_target, trusted_torch_load
 
 RESUME_FORMAT = "reveal-recbole-resume/1"
 
@@ -62,12 +61,6 @@ def restore_rng_states(states: dict, train_data=None) -> None:
         generator.set_state(states["train_loader"])
 
 
-def _save_atomically(state: dict, path: str) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer, pickle_protocol=4)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def with_resume_points(trainer_class: type) -> type:
     """``trainer_class`` (a subclass of RecBole's ``Trainer``) with per-epoch resume points."""
 
@@ -82,32 +75,30 @@ def with_resume_points(trainer_class: type) -> type:
             target = kwargs.pop("saved_model_file", self.saved_model_file)
             if not self.config["single_spec"] and self.config["local_rank"] != 0:
                 return
-            temporary = f"{target}.partial"
-            super()._save_checkpoint(epoch, verbose=False, saved_model_file=temporary, **kwargs)
-            os.replace(temporary, target)
+            with atomic_target(target) as temporary:
+                super()._save_checkpoint(epoch, verbose=False, saved_model_file=temporary, **kwargs)
             if verbose:
                 self.logger.info(f"Saving current: {target}")
 
         def save_resume_point(self, epoch: int, train_data=None) -> None:
             if not is_main_process(self.config):
                 return
-            _save_atomically(
-                {
-                    "format": RESUME_FORMAT,
-                    "model": self.config["model"],
-                    "epoch": epoch,
-                    "cur_step": self.cur_step,
-                    "best_valid_score": self.best_valid_score,
-                    "best_valid_result": self.best_valid_result,
-                    "train_loss_dict": self.train_loss_dict,
-                    "best_model_file": self.saved_model_file,
-                    "state_dict": self.model.state_dict(),
-                    "other_parameter": self.model.other_parameter(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "rng": rng_states(train_data),
-                },
-                self.resume_file,
-            )
+            state = {
+                "format": RESUME_FORMAT,
+                "model": self.config["model"],
+                "epoch": epoch,
+                "cur_step": self.cur_step,
+                "best_valid_score": self.best_valid_score,
+                "best_valid_result": self.best_valid_result,
+                "train_loss_dict": self.train_loss_dict,
+                "best_model_file": self.saved_model_file,
+                "state_dict": self.model.state_dict(),
+                "other_parameter": self.model.other_parameter(),
+                "optimizer": self.optimizer.state_dict(),
+                "rng": rng_states(train_data),
+            }
+            with atomic_target(self.resume_file) as temporary:
+                torch.save(state, temporary, pickle_protocol=4)
 
         def resume_checkpoint(self, resume_file):
             """Continue from a resume point (exactly) or from a RecBole checkpoint (RecBole's way)."""
