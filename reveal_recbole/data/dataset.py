@@ -98,28 +98,25 @@ def check_interaction_file(config) -> None:
         )
     if time in fields and fields[time] != "float":
         raise DatasetFileError(f"{path}: column {time} is {fields[time]}; timestamps must be float (write {time}:float)")
-    problem = find_bad_interaction_line(config)
+    problem = find_bad_interaction_line(path, fields, config)
     if problem:
         raise DatasetFileError(problem)
 
 
-def find_bad_interaction_line(config) -> str | None:
-    """The first line with a wrong column count, an empty user, item or float value, or a float value
-    that is not a number (None if every line is fine)."""
-    path = interaction_file(config)
-    fields = list(_header_fields(path, config).items())
+def find_bad_interaction_line(path: Path, fields: dict[str, str], config) -> str | None:
+    """The first line of ``path`` (header ``fields``) with a wrong column count, an empty user, item
+    or float value, or a float value that is not a number (None if every line is fine)."""
+    columns = list(fields.items())
     separator = config["field_separator"] or "\t"
     required = {config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]}
     with open(path, encoding=config["encoding"] or "utf-8", errors="replace") as handle:
         next(handle)
         for number, line in enumerate(handle, start=2):
             values = line.rstrip("\r\n").split(separator)
-            if len(values) != len(fields):
-                return f"{path} line {number}: {len(values)} columns, the header has {len(fields)}"
-            for (name, kind), value in zip(fields, values):
-                if name in required and not value.strip():
-                    return f"{path} line {number}: empty {name}"
-                if kind == "float" and not value.strip():
+            if len(values) != len(columns):
+                return f"{path} line {number}: {len(values)} columns, the header has {len(columns)}"
+            for (name, kind), value in zip(columns, values):
+                if not value.strip() and (name in required or kind == "float"):
                     return f"{path} line {number}: empty {name}"
                 if kind == "float":
                     try:

@@ -1,9 +1,9 @@
 """``create_dataset`` with file checks first, then RecBole's own construction and caching."""
 from __future__ import annotations
 
-from recbole.data import create_dataset as recbole_create_dataset
-
 from logging import getLogger
+
+from recbole.data import create_dataset as recbole_create_dataset
 
 from reveal_recbole.data.dataset import (
     MultimodalSequentialDataset,
@@ -16,10 +16,10 @@ from reveal_recbole.utils import get_dataset_class
 
 def create_dataset(config):
     """Check the dataset's files (never RecBole's download attempt), then build it the RecBole way."""
-    multimodal = issubclass(get_dataset_class(config), MultimodalSequentialDataset)
-    require_dataset_files(config, multimodal=multimodal)
+    if not issubclass(get_dataset_class(config), MultimodalSequentialDataset):
+        require_dataset_files(config, multimodal=False)  # the multimodal class runs these checks itself
     dataset = recbole_create_dataset(config)
-    largest_k = max(config["topk"] or [0]) if isinstance(config["topk"], list) else int(config["topk"] or 0)
+    largest_k = max(config["topk"])  # RecBole's Config has made it a list of positive integers
     if largest_k > dataset.item_num - 1:
         raise ConfigError(
             f"topk {config['topk']} asks for the top {largest_k} items, but {config['dataset']} has only "
