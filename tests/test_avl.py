@@ -26,12 +26,13 @@ from conftest import assert_report_metrics
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0, "feature_dropout": 0.0}
 
 
-def build(config_dict, model="SASRecREVEAL", trainer_class=None):
+def build(config_dict, model="SASRecREVEAL", trainer_class=None, model_seed=None):
+    """Config, model, trainer and loaders as ``run_reveal`` builds them; ``model_seed`` re-seeds the model init."""
     config = Config(model=model, dataset="scientific", config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
-    init_seed(config["seed"], config["reproducibility"])
+    init_seed(config["seed"] if model_seed is None else model_seed, config["reproducibility"])
     net = get_model(model)(config, train_data._dataset)
     trainer = (trainer_class or get_trainer(config["MODEL_TYPE"], model))(config, net)
     return config, net, trainer, train_data, valid_data, test_data

@@ -11,31 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from recbole.data import data_preparation
-from recbole.utils import init_seed
 
-from reveal_recbole.config import Config
-from reveal_recbole.data.utils import create_dataset
 from reveal_recbole.errors import UserInputError
 from reveal_recbole.quick_start import run_reveal
 from reveal_recbole.trainer.resume import resume_point_file
-from reveal_recbole.utils import get_model, get_trainer
+
+from test_avl import build
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 class Crash(RuntimeError):
     pass
-
-
-def build(settings, model="SASRecREVEAL", model_seed=None):
-    config = Config(model=model, dataset="scientific", config_dict=settings)
-    init_seed(config["seed"], config["reproducibility"])
-    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
-    init_seed(config["seed"] if model_seed is None else model_seed, config["reproducibility"])
-    net = get_model(model)(config, train_data._dataset)
-    trainer = get_trainer(config["MODEL_TYPE"], model)(config, net)
-    return net, trainer, train_data, valid_data, test_data
 
 
 def crash_after(epoch):
@@ -53,18 +40,18 @@ def settings(tiny_config):
 
 @pytest.mark.parametrize("model", ["SASRecREVEAL", "GRU4Rec"])
 def test_resumed_training_equals_uninterrupted(settings, model):
-    net, trainer, train_data, valid_data, test_data = build(settings, model)
+    _, net, trainer, train_data, valid_data, test_data = build(settings, model)
     best_score, best_result = trainer.fit(train_data, valid_data)
     expected = trainer.evaluate(test_data, load_best_model=True)
     assert not os.path.exists(trainer.resume_file)  # removed once training ended
 
-    _, crashed, train_data, valid_data, _ = build(settings, model)
+    _, _, crashed, train_data, valid_data, _ = build(settings, model)
     with pytest.raises(Crash):
         crashed.fit(train_data, valid_data, callback_fn=crash_after(1))
     assert os.path.isfile(crashed.resume_file)
 
     # a new process: different model init and RNG streams, all overwritten by the resume point
-    resumed_net, resumed, train_data, valid_data, test_data = build(settings, model, model_seed=7)
+    _, resumed_net, resumed, train_data, valid_data, test_data = build(settings, model, model_seed=7)
     resumed.resume_checkpoint(crashed.resume_file)
     assert resumed.start_epoch == 2 and resumed.saved_model_file == crashed.saved_model_file
     assert resumed.fit(train_data, valid_data) == (best_score, best_result)
@@ -75,10 +62,10 @@ def test_resumed_training_equals_uninterrupted(settings, model):
 
 
 def test_resume_file_of_another_model_is_refused(settings):
-    _, crashed, train_data, valid_data, _ = build(settings)
+    _, _, crashed, train_data, valid_data, _ = build(settings)
     with pytest.raises(Crash):
         crashed.fit(train_data, valid_data, callback_fn=crash_after(0))
-    _, other, *_ = build(settings, "SASRec")
+    _, _, other, *_ = build(settings, "SASRec")
     with pytest.raises(UserInputError, match="saved by SASRecREVEAL"):
         other.resume_checkpoint(crashed.resume_file)
     with pytest.raises(UserInputError, match="no checkpoint file"):
@@ -86,9 +73,9 @@ def test_resume_file_of_another_model_is_refused(settings):
 
 
 def test_plain_recbole_checkpoint_still_resumes(settings):
-    _, trainer, train_data, valid_data, _ = build(settings | {"epochs": 2})
+    _, _, trainer, train_data, valid_data, _ = build(settings | {"epochs": 2})
     trainer.fit(train_data, valid_data)
-    _, fresh, *_ = build(settings)
+    _, _, fresh, *_ = build(settings)
     fresh.resume_checkpoint(trainer.saved_model_file)  # RecBole's own format: from its epoch on
     assert fresh.start_epoch >= 1 and fresh.saved_model_file == trainer.saved_model_file
 
@@ -127,7 +114,7 @@ def test_resume_point_name():
 
 
 def test_resume_points_can_be_switched_off(settings):
-    _, trainer, train_data, valid_data, _ = build(settings | {"save_resume_points": False})
+    _, _, trainer, train_data, valid_data, _ = build(settings | {"save_resume_points": False})
     written = []
     trainer.save_resume_point = lambda *args: written.append(args)
     with pytest.raises(Crash):
