@@ -23,3 +23,7 @@ class DatasetNotPreparedError(UserInputError, FileNotFoundError):
 
 class DatasetFileError(UserInputError, ValueError):
     """A dataset file (``.inter``, ``.item``) RecBole cannot read; the message names the file, line and column."""
+
+
+class BackboneError(UserInputError, TypeError):
+    """A backbone REVEAL cannot wrap (or not on this data); the message names the backbone and the reason."""

@@ -4,8 +4,9 @@ REVEAL: "Teach Multimodal Recommendation Model to See via Personalized Visual Ex
 Adaptive Learning" (Li, Zhang, Ye, Dong, Jiang, 2026, arXiv 2606.09082).
 
 A backbone qualifies when every item it embeds or scores goes through ``self.item_embedding``
-(``item_embedding(ids)`` and ``item_embedding.weight``), as SASRec, GRU4Rec, BERT4Rec, NARM,
-STAMP, Caser, NextItNet, LightSANs and most of RecBole's sequential models do::
+(``item_embedding(ids)`` and ``item_embedding.weight``); ``model/contract.py`` checks this when the
+class is built and again when the model is, and refuses the others with a ``BackboneError``
+(README "Any backbone" lists RecBole's sequential models and their status)::
 
     from recbole.model.sequential_recommender import STAMP
     from reveal_recbole.model import make_reveal_model
@@ -20,6 +21,7 @@ from torch import nn
 
 from reveal_recbole.config import fill_missing_defaults
 from reveal_recbole.data.dataset import configured_modalities
+from reveal_recbole.model.contract import check_backbone, check_backbone_data, check_item_tables, item_table
 from reveal_recbole.model.item_encoder import REVEALItemEncoder
 
 
@@ -30,8 +32,10 @@ class REVEALRecommender:
 
     def __init__(self, config, dataset):
         fill_missing_defaults(config)
+        check_backbone_data(self.backbone, config, dataset)
         super().__init__(config, dataset)
-        self.item_embedding = self.build_item_encoder(config, dataset, self.item_embedding)
+        self.item_embedding = self.build_item_encoder(config, dataset, item_table(self))
+        check_item_tables(self, dataset)  # aliases of the old table rebound; other item tables refused
         # AVL's running means (mean L_v, mean L_t, count): a buffer, so checkpoints carry them
         self.register_buffer("avl_running_losses", torch.zeros(3))
 
@@ -74,10 +78,7 @@ class REVEALRecommender:
 
 def make_reveal_model(backbone: type, name: str | None = None, register: bool = True) -> type:
     """Build (and register with RecBole's lookups) ``<Backbone>REVEAL`` from a sequential backbone."""
-    from recbole.model.abstract_recommender import SequentialRecommender
-
-    if not (isinstance(backbone, type) and issubclass(backbone, SequentialRecommender)):
-        raise TypeError(f"{backbone!r} is not a RecBole SequentialRecommender class")
+    check_backbone(backbone)  # an unsupported backbone is refused here, before any data work
     name = name or f"{backbone.__name__}REVEAL"
     model_class = type(
         name,
