@@ -18,27 +18,13 @@ the log). ``--algo=exhaustive`` tries every combination and accepts only ``choic
 from __future__ import annotations
 
 import argparse
-import contextlib
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
-import numpy as np
 from recbole.trainer import HyperTuning
 
+from reveal_recbole.atomic import atomic_target
 from reveal_recbole.quick_start import objective_function
-from reveal_recbole.utils import atomic_target
-
-
-@contextlib.contextmanager
-def numpy_str_alias() -> Iterator[None]:
-    """RecBole 1.2.1's ``plot_hyper`` uses ``np.str``, which numpy 1.24 removed; lend it for the call."""
-    had_alias = "str" in np.__dict__
-    if not had_alias:
-        np.str = str
-    try:
-        yield
-    finally:
-        if not had_alias:
-            del np.str
+from reveal_recbole.recbole_seam import numpy_str_alias, quiet_third_party_warnings
 
 
 class REVEALHyperTuning(HyperTuning):
@@ -66,6 +52,7 @@ class REVEALHyperTuning(HyperTuning):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> HyperTuning:
+    quiet_third_party_warnings()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config_files", type=str, default=None, help="space-separated fixed config files")
     parser.add_argument("--params_file", type=str, required=True, help="the search space (RecBole's format)")

@@ -1,8 +1,9 @@
 """reveal-recbole: REVEAL multimodal sequential recommendation for RecBole.
 
-Importing the package registers the REVEAL models, the multimodal dataset class and the
-trainer with RecBole's lookups.
+Importing the package checks the RecBole version and registers the REVEAL models, the
+multimodal dataset class and the trainer with RecBole's lookups (``recbole_seam``).
 """
+from reveal_recbole.comparison import compare
 from reveal_recbole.config import Config
 from reveal_recbole.data import MultimodalSequentialDataset, create_dataset
 from reveal_recbole.model import (
@@ -13,9 +14,9 @@ from reveal_recbole.model import (
     SASRecREVEAL,
     make_reveal_model,
 )
-from reveal_recbole.quick_start import compare, objective_function, run_reveal
+from reveal_recbole.quick_start import objective_function, run_reveal
+from reveal_recbole.registry import get_model, get_trainer, registered_models
 from reveal_recbole.trainer import REVEALTrainer
-from reveal_recbole.utils import get_model, get_trainer, registered_models
 
 __version__ = "0.1.0"
 

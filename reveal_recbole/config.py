@@ -8,10 +8,14 @@ override them exactly as in RecBole:
    so baselines and REVEAL models run on the same data, split and seed;
 3. ``properties/reveal_base.yaml`` then ``properties/model/<Model>.yaml`` (REVEAL models);
 4. ``properties/dataset/<dataset>.yaml``.
+
+``train_neg_sample_args`` follows ``loss_type`` unless given (``recbole_seam.sampling_for_loss``).
+After ``import reveal_recbole``, RecBole's own ``Config`` loads steps 1-3 for REVEAL models too.
 """
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -19,13 +23,16 @@ import torch
 import yaml
 from recbole.config import Config as RecBoleConfig
 
+from reveal_recbole import recbole_seam
 from reveal_recbole.distributed import init_cpu_process_group, uses_cuda
 from reveal_recbole.errors import ConfigError
-from reveal_recbole.utils import bundled_datasets_dir, get_model, properties_dir
+from reveal_recbole.registry import get_model, is_registered
+from reveal_recbole.resources import bundled_datasets_dir, properties_dir
 
 
 def backbone_of(model_class) -> type | None:
-    return getattr(model_class, "backbone", None)
+    """The RecBole backbone a registered REVEAL model wraps (None for any other model)."""
+    return getattr(model_class, "backbone", None) if is_registered(model_class) else None
 
 
 def recbole_model_yaml(model_class) -> Path:
@@ -48,30 +55,10 @@ def reveal_yaml_files(model_name: str, model_class) -> list[Path]:
     return [f for f in files if f.is_file()]
 
 
-def fill_missing_defaults(config) -> None:
-    """Give a RecBole-native config (``run_recbole``, ``HyperTuning``) the defaults ``Config`` would load.
-
-    Our keys fill only where the config lacks them; a backbone key also where RecBole's overall
-    left it ``None`` (e.g. BERT4Rec's ``transform: mask_itemseq``). Later files win, as in ``Config``.
-    """
-    model_class = get_model(config["model"])
-    files = reveal_yaml_files(config["model"], model_class)
-    backbone = backbone_of(model_class)
-    backbone_keys: set[str] = set()
-    defaults = {}
-    for path in files:
-        with open(path, encoding="utf-8") as handle:
-            loaded = yaml.load(handle, Loader=config.yaml_loader) or {}
-        if backbone is not None and path == recbole_model_yaml(backbone):
-            backbone_keys = set(loaded)
-        defaults.update(loaded)
-    for key, value in defaults.items():
-        if key not in config.final_config_dict or (key in backbone_keys and config[key] is None):
-            config[key] = value
-
-
 class Config(RecBoleConfig):
     """RecBole's Config, resolving our models and loading our properties/ yaml files."""
+
+    loads_reveal_defaults = True  # RecBole's own Config gets them from recbole_seam; this class loads them itself
 
     def _load_config_files(self, file_list):
         """RecBole's loader, after checking each file exists and parses, so errors name the file."""
@@ -101,9 +88,12 @@ class Config(RecBoleConfig):
         if dataset_file.is_file():
             loaded = self._update_internal_config_dict(dataset_file) or {}
             self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
+        recbole_seam.sampling_for_loss(self)
 
     def _set_default_parameters(self):
         super()._set_default_parameters()
+        if self.final_config_dict.get("show_progress") is None:  # progress bars where someone watches
+            self.final_config_dict["show_progress"] = sys.stderr.isatty()
         bundled = bundled_datasets_dir() / self.dataset
         if "data_path" not in self.external_config_dict and bundled.is_dir():
             self.final_config_dict["data_path"] = str(bundled)
@@ -135,3 +125,6 @@ def known_datasets() -> dict[str, str]:
     names = {p.stem: "needs dataset_prep" for p in (properties_dir() / "dataset").glob("*.yaml")}
     names.update({p.name: "bundled" for p in bundled_datasets_dir().iterdir() if p.is_dir()})
     return dict(sorted(names.items()))
+
+
+recbole_seam.add_defaults_to_recbole_config(reveal_yaml_files, is_ours=lambda model_class: backbone_of(model_class) is not None)

@@ -13,7 +13,7 @@ import csv
 from pathlib import Path
 from typing import Optional
 
-from reveal_recbole.utils import atomic_write_bytes
+from reveal_recbole.atomic import atomic_write_bytes
 
 UTILISATION_METRICS = ("ndcg@10", "recall@20")
 
@@ -113,12 +113,10 @@ def main(argv=None) -> None:
     parser.add_argument("--figure", default=None, help="PNG path; default: next to the checkpoint")
     args = parser.parse_args(argv)
 
-    from reveal_recbole.quick_start import load_data_and_model
-    from reveal_recbole.utils import get_trainer
+    from reveal_recbole.pipeline import load_run
 
-    config, model, _, train_data, valid_data, test_data = load_data_and_model(args.model_file)
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
-    report = visual_utilisation(trainer, valid_data if args.split == "valid" else test_data)
+    run = load_run(args.model_file)
+    report = visual_utilisation(run.trainer, run.valid_data if args.split == "valid" else run.test_data)
     print(f"{args.split} utilisation: {report}")
     avl_csv = Path(args.model_file).with_name(Path(args.model_file).stem + "-avl.csv")
     figure = args.figure or Path(args.model_file).with_suffix(".diagnostics.png")

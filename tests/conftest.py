@@ -17,7 +17,7 @@ import torch
 
 import reveal_recbole  # noqa: F401  (registers the REVEAL models with RecBole)
 from reveal_recbole.data import ItemFeatures, write_item_features
-from reveal_recbole.utils import bundled_datasets_dir
+from reveal_recbole.resources import bundled_datasets_dir
 
 TINY_USERS = 150
 DATASET = "scientific"

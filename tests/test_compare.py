@@ -5,8 +5,10 @@ import sys
 import pytest
 import torch
 
-import reveal_recbole.quick_start as quick_start
-from reveal_recbole.quick_start import compare
+import reveal_recbole.comparison as comparison
+import reveal_recbole.pipeline as pipeline
+from reveal_recbole.comparison import compare
+from reveal_recbole.errors import UserInputError
 
 from conftest import REPORT_METRICS, assert_report_metrics, make_tiny_config
 
@@ -25,7 +27,7 @@ def compared(tiny_source, tmp_path_factory):
 
 def run_compare(tiny_config, output_dir, monkeypatch):
     splits = {}
-    original = quick_start.data_preparation
+    original = pipeline.data_preparation
 
     def recording_data_preparation(config, dataset):
         train_data, valid_data, test_data = original(config, dataset)
@@ -38,7 +40,7 @@ def run_compare(tiny_config, output_dir, monkeypatch):
         splits[config["model"]]["test_size"] = test_data.sample_size
         return train_data, valid_data, test_data
 
-    monkeypatch.setattr(quick_start, "data_preparation", recording_data_preparation)
+    monkeypatch.setattr(pipeline, "data_preparation", recording_data_preparation)
     results, rows = compare(MODELS, "scientific", config_dict=tiny_config, output_dir=str(output_dir))
     return results, rows, output_dir, splits
 
@@ -103,11 +105,11 @@ def test_summary_over_seeds_marks_best_and_gain_over_backbone():
         "SASRecREVEAL[avl=False]": [fake_run(0.080, 0.21), fake_run(0.084, 0.23)],
         "GRU4Rec": [fake_run(0.050, 0.14), fake_run(0.052, 0.15)],
     }
-    summary = quick_start.summarise(results)
+    summary = comparison.summarise(results)
     assert summary[0]["ndcg@10"] == pytest.approx(0.072)
     assert summary[0]["ndcg@10_std"] == pytest.approx(0.004 / 2 ** 0.5)
     assert summary[1]["s_per_epoch"] == pytest.approx(2.0)
-    rows = quick_start.comparison_table(summary)
+    rows = comparison.comparison_table(summary)
     header, body = rows[0], rows[1:]
     ndcg = header.index("ndcg@10")
     assert [row[ndcg].endswith("*") for row in body] == [False, True, False]
@@ -123,13 +125,13 @@ def test_summary_over_seeds_marks_best_and_gain_over_backbone():
      ("NARMREVEAL[avl_alpha=0.5]", ("NARMREVEAL", {"avl_alpha": 0.5}))],
 )
 def test_parse_model_spec(spec, expected):
-    assert quick_start.parse_model_spec(spec) == expected
+    assert comparison.parse_model_spec(spec) == expected
 
 
 @pytest.mark.parametrize("spec", ["SASRec[avl]", "SAS Rec", "SASRec[=1]"])
 def test_parse_model_spec_rejects_bad_specs(spec):
     with pytest.raises(ValueError, match="spec"):
-        quick_start.parse_model_spec(spec)
+        comparison.parse_model_spec(spec)
 
 
 def test_interrupted_compare_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch):
@@ -143,11 +145,11 @@ def test_interrupted_compare_resumes_without_rerunning_finished_runs(tmp_path, m
         run = fake_run(0.07 + settings["seed"] % 10 / 1000 + (0.01 if "REVEAL" in model else 0), 0.2)
         return run | {"seed": settings["seed"], "utilisation": {"drop": {"image": {"ndcg@10": 0.01}}}}
 
-    monkeypatch.setattr(quick_start, "run_reveal", stub_run)
+    monkeypatch.setattr(comparison, "run_reveal", stub_run)
     with pytest.raises(KeyboardInterrupt):
         compare(MODELS, "scientific", seeds=[1, 2], output_dir=str(tmp_path))
     (runs_file,) = tmp_path.glob("*-runs.json")
-    assert [(r["spec"], r["seed"]) for r in quick_start.read_run_records(runs_file)] == [("SASRec", 1), ("SASRec", 2)]
+    assert [(r["spec"], r["seed"]) for r in comparison.read_run_records(runs_file)] == [("SASRec", 1), ("SASRec", 2)]
 
     calls.clear()
     results, rows = compare(MODELS, "scientific", seeds=[1, 2], output_dir="ignored", resume=str(runs_file))
@@ -162,7 +164,7 @@ def test_interrupted_compare_resumes_without_rerunning_finished_runs(tmp_path, m
 def test_resume_from_a_bad_runs_file_is_one_clear_error(tmp_path):
     bad = tmp_path / "x-runs.json"
     bad.write_text("{not json")
-    with pytest.raises(quick_start.UserInputError, match="not a runs file"):
+    with pytest.raises(UserInputError, match="not a runs file"):
         compare(MODELS, "scientific", seeds=[1], resume=str(bad))
-    with pytest.raises(quick_start.UserInputError, match="no file"):
+    with pytest.raises(UserInputError, match="no file"):
         compare(MODELS, "scientific", seeds=[1], resume=str(tmp_path / "absent-runs.json"))

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from reveal_recbole import Config
-from reveal_recbole.utils import bundled_datasets_dir, properties_dir
+from reveal_recbole.resources import bundled_datasets_dir, properties_dir
 
 # RecBole rewrites these into per-split / fully spelled-out dicts after loading
 EXPANDED_BY_RECBOLE = ("eval_args", "train_neg_sample_args")

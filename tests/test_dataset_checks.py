@@ -12,7 +12,7 @@ from reveal_recbole import Config
 from reveal_recbole.config import known_datasets
 from reveal_recbole.data import DatasetNotPreparedError, MultimodalSequentialDataset, create_dataset
 from reveal_recbole.errors import ConfigError, DatasetFileError
-from reveal_recbole.utils import PACKAGE_DIR, properties_dir
+from reveal_recbole.resources import PACKAGE_DIR, properties_dir
 
 REPO_ROOT = PACKAGE_DIR.parent
 

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from reveal_recbole.fve.cache import CACHE_FORMAT_VERSION, FeatureCache, image_digest
+from reveal_recbole.data.feature_cache import CACHE_FORMAT_VERSION, FeatureCache, image_digest
 
 
 def test_keys_separate_image_prompt_and_encoder():

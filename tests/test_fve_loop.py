@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import reveal_recbole.fve.loop as loop
+import reveal_recbole.pipeline as pipeline
 from reveal_recbole.data.features import read_feature_file
 from reveal_recbole.fve.critic import OfflineCritic
 from reveal_recbole.fve.extract import ImageEncoder
@@ -103,7 +104,7 @@ def forced_scores(monkeypatch):
 def spies(monkeypatch):
     """Which loaders the feedback and every evaluation saw, and the loaders data_preparation made."""
     seen = {"splits": None, "feedback": [], "evaluate": []}
-    prepare, feedback, evaluate = loop.data_preparation, loop.collect_valid_feedback, REVEALTrainer.evaluate
+    prepare, feedback, evaluate = pipeline.data_preparation, loop.collect_valid_feedback, REVEALTrainer.evaluate
 
     def spy_prepare(config, dataset):
         seen["splits"] = prepare(config, dataset)
@@ -117,7 +118,7 @@ def spies(monkeypatch):
         seen["evaluate"].append(loader)
         return evaluate(self, loader, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "data_preparation", spy_prepare)
+    monkeypatch.setattr(pipeline, "data_preparation", spy_prepare)
     monkeypatch.setattr(loop, "collect_valid_feedback", spy_feedback)
     monkeypatch.setattr(REVEALTrainer, "evaluate", spy_evaluate)
     return seen

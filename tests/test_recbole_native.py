@@ -1,44 +1,29 @@
-"""RecBole's own entry points run REVEAL models after ``import reveal_recbole``."""
+"""RecBole's own entry points run REVEAL models after ``import reveal_recbole``, with no extra keys."""
 import pytest
 import yaml
 from recbole.config import Config as RecBoleConfig
 from recbole.quick_start import run_recbole
 
-import reveal_recbole.config as reveal_config
-from reveal_recbole.config import fill_missing_defaults, recbole_model_yaml
-from reveal_recbole.model import SASRecREVEAL
+from reveal_recbole.config import Config, recbole_model_yaml
+from reveal_recbole.model import BERT4RecREVEAL, SASRecREVEAL
 from reveal_recbole.quick_start import run_reveal
-from reveal_recbole.utils import properties_dir
+from reveal_recbole.resources import properties_dir
 
 from conftest import assert_report_metrics
 
 
-def protocol() -> dict:
-    """Our shared protocol (properties/overall.yaml), which RecBole's own Config does not load."""
-    with open(properties_dir() / "overall.yaml", encoding="utf-8") as handle:
-        return yaml.safe_load(handle)
-
-
-def native_config_dict(tiny_config) -> dict:
-    # loss_type: RecBole's Config needs it (or a model input_type) before any of our code runs
-    return {**protocol(), **tiny_config, "loss_type": "CE"}
-
-
 def test_run_recbole_trains_a_reveal_model_like_run_reveal(tiny_config, monkeypatch):
     monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
-    native = run_recbole(model="SASRecREVEAL", dataset="scientific", config_dict=native_config_dict(tiny_config))
+    native = run_recbole(model="SASRecREVEAL", dataset="scientific", config_dict=dict(tiny_config))
     assert_report_metrics(native["test_result"])  # evaluate(load_best_model=True) via REVEALTrainer
     ours = run_reveal("SASRecREVEAL", "scientific", config_dict=dict(tiny_config))
     assert native["test_result"] == ours["test_result"]
     assert native["best_valid_result"] == ours["best_valid_result"]
 
 
-def test_fill_missing_defaults_gives_backbone_and_reveal_defaults(tiny_config):
-    given = {**native_config_dict(tiny_config), "fusion": "gated"}
+def test_recbole_config_loads_backbone_and_reveal_defaults(tiny_config):
+    given = {**tiny_config, "fusion": "gated"}
     config = RecBoleConfig(model=SASRecREVEAL, dataset="scientific", config_dict=given)
-    assert config["modalities"] is None and config["hidden_dropout_prob"] is None
-    fill_missing_defaults(config)
-
     with open(recbole_model_yaml(SASRecREVEAL.backbone), encoding="utf-8") as handle:
         backbone = yaml.load(handle, Loader=config.yaml_loader)
     with open(properties_dir() / "reveal_base.yaml", encoding="utf-8") as handle:
@@ -46,25 +31,37 @@ def test_fill_missing_defaults_gives_backbone_and_reveal_defaults(tiny_config):
     for key, value in {**backbone, **reveal_base}.items():
         assert config[key] == given.get(key, value), key
     assert config["fusion"] == "gated"  # what the user gave stays
+    assert config["train_neg_sample_args"]["distribution"] == "none"  # CE: no sampling
 
 
-def test_fill_missing_defaults_later_files_win(tmp_path, tiny_config, monkeypatch):
-    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
-    first.write_text("fusion: concat\nfeature_dropout: 0.3\n")
-    second.write_text("fusion: gated\n")
-    monkeypatch.setattr(reveal_config, "reveal_yaml_files", lambda name, model_class: [first, second])
-    config = RecBoleConfig(model=SASRecREVEAL, dataset="scientific", config_dict=native_config_dict(tiny_config))
-    fill_missing_defaults(config)
-    assert config["fusion"] == "gated"
-    assert config["feature_dropout"] == pytest.approx(0.3)
-
-
-def test_fill_missing_defaults_gives_bert4rec_its_transform(tiny_config):
-    """RecBole's overall.yaml sets ``transform: ~``; BERT4Rec needs its own ``mask_itemseq``."""
-    from reveal_recbole.model import BERT4RecREVEAL
-
-    config = RecBoleConfig(model=BERT4RecREVEAL, dataset="scientific", config_dict=native_config_dict(tiny_config))
-    assert config["transform"] is None
-    fill_missing_defaults(config)
+def test_recbole_config_gives_bert4rec_its_transform(tiny_config):
+    """RecBole's overall.yaml sets ``transform: ~``; BERT4Rec's own yaml (loaded later) sets ``mask_itemseq``."""
+    config = RecBoleConfig(model=BERT4RecREVEAL, dataset="scientific", config_dict=dict(tiny_config))
     assert config["transform"] == "mask_itemseq"
-    assert config["avl_momentum"] == 0.9
+
+
+def test_recbole_config_leaves_recbole_models_alone(tiny_config):
+    """Only REVEAL models get our defaults in RecBole's own Config: a baseline stays RecBole's."""
+    config = RecBoleConfig(model="SASRec", dataset="scientific", config_dict={**tiny_config, "train_neg_sample_args": None})
+    assert config["modalities"] is None and config["avl"] is None
+
+
+@pytest.mark.parametrize("config_class", [Config, RecBoleConfig])
+@pytest.mark.parametrize("loss_type, distribution", [("CE", "none"), ("BPR", "uniform")])
+def test_negative_sampling_follows_the_loss(tiny_config, config_class, loss_type, distribution):
+    config = config_class(model="SASRecREVEAL", dataset="scientific", config_dict={**tiny_config, "loss_type": loss_type})
+    assert config["train_neg_sample_args"]["distribution"] == distribution
+
+
+def test_negative_sampling_given_by_the_user_wins(tiny_config):
+    given = {"distribution": "popularity", "sample_num": 2}
+    config = Config(model="SASRec", dataset="scientific", config_dict={**tiny_config, "loss_type": "BPR",
+                                                                         "train_neg_sample_args": given})
+    assert config["train_neg_sample_args"]["distribution"] == "popularity"
+    assert config["train_neg_sample_args"]["sample_num"] == 2
+
+
+def test_bpr_baseline_runs_through_run_reveal(tiny_config):
+    """SASRecREVEAL with BPR: tests/test_end_to_end.py."""
+    result = run_reveal("SASRec", "scientific", config_dict={**tiny_config, "loss_type": "BPR"})
+    assert_report_metrics(result["test_result"])

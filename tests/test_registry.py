@@ -6,14 +6,15 @@ import recbole.data.dataset
 import recbole.trainer
 import recbole.utils
 from recbole.model.general_recommender import BPR
-from recbole.model.sequential_recommender import SASRec, STAMP
+from recbole.model.sequential_recommender import STAMP, SASRec
 
 import reveal_recbole
 from reveal_recbole.data import MultimodalSequentialDataset
 from reveal_recbole.model import REVEALRecommender, make_reveal_model
 from reveal_recbole.quick_start import run_reveal
 from reveal_recbole.trainer import REVEALTrainer
-from reveal_recbole.utils import UnknownModelError, get_model, get_trainer, registered_models
+from reveal_recbole.errors import UnknownModelError
+from reveal_recbole.registry import get_model, get_trainer, registered_models
 
 from conftest import assert_report_metrics
 
@@ -75,7 +76,7 @@ def test_make_reveal_model_stamp_registers_and_trains(tiny_config):
     assert get_model("STAMPREVEAL") is model_class
     assert recbole.utils.get_model("STAMPREVEAL") is model_class
     assert "STAMPREVEAL" in registered_models()
-    assert getattr(recbole.data.dataset, "STAMPREVEALDataset") is MultimodalSequentialDataset
+    assert recbole.data.dataset.STAMPREVEALDataset is MultimodalSequentialDataset
 
     result = run_reveal("STAMPREVEAL", "scientific", config_dict=tiny_config)
     assert_report_metrics(result["test_result"])

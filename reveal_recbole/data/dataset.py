@@ -6,9 +6,9 @@ from pathlib import Path
 from recbole.data.dataset import SequentialDataset
 from recbole.utils import FeatureType
 
-from reveal_recbole.config import fill_missing_defaults, known_datasets
-from reveal_recbole.errors import ConfigError, DatasetFileError, DatasetNotPreparedError
+from reveal_recbole.config import known_datasets
 from reveal_recbole.data.features import ItemFeatures, feature_paths, load_item_features
+from reveal_recbole.errors import ConfigError, DatasetFileError, DatasetNotPreparedError
 
 
 def configured_modalities(config) -> list[str]:
@@ -136,7 +136,6 @@ class MultimodalSequentialDataset(SequentialDataset):
     item_features: dict[str, ItemFeatures]
 
     def __init__(self, config):
-        fill_missing_defaults(config)
         require_dataset_files(config, multimodal=True)
         super().__init__(config)
         self.item_features = load_item_features(

@@ -18,8 +18,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from reveal_recbole.atomic import atomic_write_bytes, atomic_write_text
 from reveal_recbole.errors import FeatureFileError
-from reveal_recbole.utils import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

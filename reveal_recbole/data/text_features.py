@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from reveal_recbole.data.feature_cache import FeatureCache
 from reveal_recbole.errors import UserInputError
-from reveal_recbole.fve.cache import FeatureCache
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from reveal_recbole.data.dataset import (
     users_with_one_interaction,
 )
 from reveal_recbole.errors import ConfigError
-from reveal_recbole.utils import get_dataset_class
+from reveal_recbole.registry import get_dataset_class
 
 
 def create_dataset(config):

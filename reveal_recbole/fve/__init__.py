@@ -1,15 +1,14 @@
 """FVE (Feedback-Guided Visual Extraction): REVEAL's prompt-conditioned image features.
 
 Each step of the method is a small function or class in its own module, so the FVE loop is
-their composition: ``prompt`` (initial prompts), ``extract`` + ``cache`` (prompt-conditioned
-image features, only changed prompts recomputed), ``feedback`` (per-item ranking statistics
+their composition: ``prompt`` (initial prompts), ``extract`` (prompt-conditioned
+image features; ``reveal_recbole.data.feature_cache`` recomputes only changed prompts), ``feedback`` (per-item ranking statistics
 on the validation split), ``select`` (priority and the hard items), ``critic`` (rewritten
 prompts for the hard items), ``sources`` (item images, metadata and reviews on disk) and
 ``loop`` (:func:`run_fve`, the rounds, resumable). ``efficientnet`` is an offline image encoder
 with real weights that does not condition on the prompt. Model libraries (transformers,
 efficientnet) load only when a backend is built.
 """
-from reveal_recbole.fve.cache import FeatureCache, image_digest
 from reveal_recbole.fve.critic import (
     Critic,
     CriticReply,
@@ -21,6 +20,7 @@ from reveal_recbole.fve.critic import (
     parse_critic_output,
     sanitize_untrusted,
 )
+from reveal_recbole.fve.efficientnet import EfficientNetLiteEncoder
 from reveal_recbole.fve.extract import (
     CLIPPromptEncoder,
     ImageEncoder,
@@ -29,7 +29,6 @@ from reveal_recbole.fve.extract import (
     extract_item_features,
     missing_image_vector,
 )
-from reveal_recbole.fve.efficientnet import EfficientNetLiteEncoder
 from reveal_recbole.fve.feedback import RankFeedback, collect_valid_feedback, rank_feedback
 from reveal_recbole.fve.loop import FVEError, FVEState, build_critic, build_encoder, initial_prompts, run_fve
 from reveal_recbole.fve.prompt import DEFAULT_TEMPLATE, build_prompt, item_category, keyword_text, review_keywords
@@ -52,7 +51,6 @@ __all__ = [
     "EfficientNetLiteEncoder",
     "FVEError",
     "FVEState",
-    "FeatureCache",
     "HFChatCritic",
     "ImageEncoder",
     "ItemImage",
@@ -71,7 +69,6 @@ __all__ = [
     "collect_valid_feedback",
     "extract_item_features",
     "feedback_type",
-    "image_digest",
     "initial_prompts",
     "item_category",
     "keyword_text",

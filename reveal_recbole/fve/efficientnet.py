@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from reveal_recbole.atomic import atomic_target
 from reveal_recbole.fve.extract import ImageEncoder
-from reveal_recbole.utils import atomic_target
 
 if TYPE_CHECKING:
     import onnxruntime

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from reveal_recbole.fve.cache import FeatureCache, image_digest
+from reveal_recbole.data.feature_cache import FeatureCache, image_digest
 from reveal_recbole.image_io import ImageRejected, decode_image
 
 logger = logging.getLogger(__name__)

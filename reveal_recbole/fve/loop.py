@@ -42,11 +42,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-from recbole.data import data_preparation
-from recbole.utils import get_local_time, init_logger, init_seed, set_color
+from recbole.utils import get_local_time, init_logger, set_color
 
+from reveal_recbole.atomic import atomic_write_text
 from reveal_recbole.config import Config
 from reveal_recbole.data.dataset import MultimodalSequentialDataset, configured_modalities, feature_dir
+from reveal_recbole.data.feature_cache import FeatureCache
 from reveal_recbole.data.features import (
     align_item_features,
     feature_paths,
@@ -54,14 +55,15 @@ from reveal_recbole.data.features import (
     write_item_features,
 )
 from reveal_recbole.errors import ConfigError
-from reveal_recbole.fve.cache import FeatureCache
 from reveal_recbole.fve.critic import Critic, OfflineCritic, build_critic_request
 from reveal_recbole.fve.extract import ImageEncoder, ItemImage, extract_item_features
 from reveal_recbole.fve.feedback import collect_valid_feedback
 from reveal_recbole.fve.prompt import DEFAULT_TEMPLATE, build_prompt, item_category, keyword_text, review_keywords
 from reveal_recbole.fve.select import feedback_type, observed_items, priority, select_hard_items
 from reveal_recbole.fve.sources import ItemImageSource, ItemText, read_item_texts
-from reveal_recbole.utils import atomic_write_text, get_dataset_class, get_model, get_trainer
+from reveal_recbole.pipeline import build_model, build_trainer, prepare_data
+from reveal_recbole.recbole_seam import load_checkpoint
+from reveal_recbole.registry import get_dataset_class
 
 logger = logging.getLogger(__name__)
 
@@ -231,8 +233,7 @@ class FVERun:
 
     def __init__(self, config, encoder: ImageEncoder, critic: Critic | None, output: Path):
         self.config, self.encoder, self._critic, self.output = config, encoder, critic, output
-        self.dataset = self._build_dataset(config)
-        self.train_data, self.valid_data, self.test_data = data_preparation(config, self.dataset)
+        self.dataset, self.train_data, self.valid_data, self.test_data = prepare_data(config, self._build_dataset(config))
         self.train_batches = self.train_data.generator.get_state()  # every round sees the same batches
         field_tokens = self.dataset.field2id_token[self.dataset.iid_field]
         self.tokens = [str(token) for token in field_tokens[1:]]  # id 0 is RecBole's padding item
@@ -303,13 +304,11 @@ class FVERun:
     # -- models
     def build_model(self, features: np.ndarray) -> torch.nn.Module:
         self.attach(features)
-        init_seed(self.config["seed"] + self.config["local_rank"], self.config["reproducibility"])
-        model_class = get_model(self.config["model"])
-        return model_class(self.config, self.train_data._dataset).to(self.config["device"])
+        return build_model(self.config, self.train_data)
 
     def trainer(self, model, checkpoint_dir: Path):
         self.config["checkpoint_dir"] = str(checkpoint_dir)
-        return get_trainer(self.config["MODEL_TYPE"], self.config["model"])(self.config, model)
+        return build_trainer(self.config, model)
 
     def train(self, round_index: int, features: np.ndarray) -> RoundResult:
         """Train from scratch with these image features, the same seed and the same batch order."""
@@ -322,11 +321,8 @@ class FVERun:
         return RoundResult(float(score), {k: float(v) for k, v in result.items()}, Path(trainer.saved_model_file))
 
     def load_model(self, features: np.ndarray, model_file: Path) -> torch.nn.Module:
-        model = self.build_model(features)
-        checkpoint = torch.load(model_file, map_location=self.config["device"], weights_only=False)  # our own file
-        model.load_state_dict(checkpoint["state_dict"])
-        model.load_other_parameter(checkpoint.get("other_parameter"))
-        return model
+        self.attach(features)
+        return build_model(self.config, self.train_data, load_checkpoint(model_file, map_location=self.config["device"]))
 
     def better(self, score: float, best: float) -> bool:
         if math.isnan(score):
@@ -384,7 +380,6 @@ def run_fve(
     (the folder to point a plain run's ``feature_dir`` at).
     """
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
-    init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     log = logging.getLogger()
     log.info(sys.argv)

@@ -19,10 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from reveal_recbole.config import fill_missing_defaults
 from reveal_recbole.data.dataset import configured_modalities
 from reveal_recbole.model.contract import check_backbone, check_backbone_data, check_item_tables, item_table
-from reveal_recbole.model.item_encoder import REVEALItemEncoder
+from reveal_recbole.model.item_encoder import REVEALItemEncoder, encoder_settings
 
 
 class REVEALRecommender:
@@ -31,13 +30,13 @@ class REVEALRecommender:
     backbone: type
 
     def __init__(self, config, dataset):
-        fill_missing_defaults(config)
         check_backbone_data(self.backbone, config, dataset)
         super().__init__(config, dataset)
         self.item_embedding = self.build_item_encoder(config, dataset, item_table(self))
         check_item_tables(self, dataset)  # aliases of the old table rebound; other item tables refused
-        # AVL's running means (mean L_v, mean L_t, count): a buffer, so checkpoints carry them
-        self.register_buffer("avl_running_losses", torch.zeros(3))
+        # AVL's running means (mean L_v, mean L_t, count): a buffer, so checkpoints carry them; float64
+        # like the authors' Python floats (a float32 cumulative mean drifts once steps run into the 100,000s)
+        self.register_buffer("avl_running_losses", torch.zeros(3, dtype=torch.float64))
 
     def build_item_encoder(self, config, dataset, id_embedding: nn.Embedding) -> REVEALItemEncoder:
         modalities = configured_modalities(config)
@@ -55,6 +54,7 @@ class REVEALRecommender:
             feature_dropout=config["feature_dropout"],
             missing_feature=config["missing_feature"],
             feature_norm=config["feature_norm"],
+            **encoder_settings(config, modalities),
         )
         init_weights = getattr(self, "_init_weights", None)
         if init_weights is not None:  # new layers follow the backbone's own initialisation
@@ -68,7 +68,16 @@ class REVEALRecommender:
             return super().calculate_loss(interaction)
 
     def predict(self, interaction):
-        with self.item_embedding.shared_table():
+        """The backbone's ``predict``; with ``score_with: id``, the candidate's score from the ID table.
+
+        Backbones look a candidate up with ``item_embedding(ids)``, the input sequence's call, so
+        ID-only scores are read off ``full_sort_predict`` (which scores through ``.weight``).
+        """
+        encoder = self.item_embedding
+        with encoder.shared_table():
+            if encoder.score_with == "id" and encoder.modalities:
+                scores = super().full_sort_predict(interaction)
+                return scores.gather(1, interaction[self.ITEM_ID].long().unsqueeze(1)).squeeze(1)
             return super().predict(interaction)
 
     def full_sort_predict(self, interaction):
@@ -97,6 +106,6 @@ def register_reveal_model(model_class: type) -> type:
     """Register a REVEAL model with its multimodal dataset class and trainer."""
     from reveal_recbole.data.dataset import MultimodalSequentialDataset
     from reveal_recbole.trainer import REVEALTrainer
-    from reveal_recbole.utils import register_model
+    from reveal_recbole.registry import register_model
 
     return register_model(model_class, MultimodalSequentialDataset, REVEALTrainer)

@@ -1,5 +1,8 @@
 """The RecBole trainer every run here uses: RecBole's own, plus what 1.2.1 lacks for these runs.
 
+Two named mixins, composed once in :class:`TrainerExtensions` and placed before a RecBole trainer:
+:class:`RunSupportMixin` (below) and :class:`~reveal_recbole.trainer.resume.ResumePointsMixin`.
+
 - DDP on CPU: RecBole wraps the model in ``DistributedDataParallel(model, device_ids=[rank])``,
   which only CUDA modules accept; on CPU the wrapper is built without device ids (gloo then
   averages the gradients). ``self.model`` stays the unwrapped model, as in RecBole, so tensor
@@ -15,7 +18,7 @@
   without one), so later runs in the same process (``compare``, seeds) would write into the first
   run's folder: a run whose folder is not its own gets ``log_tensorboard/<model>-<dataset>-<time>``.
 - DDP ranks no longer race to create the checkpoint folder (RecBole's check-then-create).
-- Checkpoints load under torch >= 2.6 (``with_trusted_checkpoints``).
+- Checkpoints load under torch >= 2.6 (``recbole_seam.load_checkpoint``, the one loading policy).
 - Resume points after every epoch, and atomic checkpoints (``trainer/resume.py``).
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ import contextlib
 import functools
 import os
 import time
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch.distributed as dist
 from recbole.trainer import Trainer
@@ -33,9 +36,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from reveal_recbole.distributed import broadcast_from_rank0, is_distributed, is_main_process
-from reveal_recbole.trainer.resume import with_resume_points
-from reveal_recbole.utils import with_trusted_checkpoints
-
+from reveal_recbole.recbole_seam import without_ddp_wrapper
+from reveal_recbole.trainer.resume import ResumePointsMixin
 
 _TENSORBOARD_DIRS: set[str] = set()  # folders given to a trainer in this process
 
@@ -63,74 +65,70 @@ class _NoTensorboard:
         return lambda *args, **kwargs: None
 
 
-@contextlib.contextmanager
-def _single_process_view(config) -> Iterator[None]:
-    """Hide DDP from RecBole's trainer constructor, which would build the CUDA-only wrapper."""
-    config["single_spec"] = True
-    try:
-        yield
-    finally:
-        config["single_spec"] = False
+class RunSupportMixin:
+    """CPU DDP, one checkpoint per DDP run, race-free checkpoint folder and full tensorboard scalars."""
+
+    def __init__(self, config, model):
+        # RecBole's ensure_dir checks, then creates: DDP ranks racing there fail with FileExistsError
+        os.makedirs(config["checkpoint_dir"], exist_ok=True)
+        cpu_ddp = is_distributed(config) and config["device"].type == "cpu"
+        with without_ddp_wrapper(config) if cpu_ddp else contextlib.nullcontext():
+            super().__init__(config, model)
+        if cpu_ddp:
+            self.distributed_model = DistributedDataParallel(self.model)
+        if is_distributed(config):
+            self.saved_model_file = broadcast_from_rank0(self.saved_model_file)
+            if not is_main_process(config):
+                self.tensorboard.close()
+                self.tensorboard = _NoTensorboard()
+        if is_main_process(config):
+            self.tensorboard = _own_tensorboard(self.tensorboard, config)
+        self._epoch = -1
+
+    def fit(self, *args, **kwargs):
+        try:
+            return super().fit(*args, **kwargs)
+        finally:
+            self.tensorboard.flush()
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        self._epoch = epoch_idx
+        start = time.perf_counter()
+        loss = super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
+        self.tensorboard.add_scalar("Time/train_s", time.perf_counter() - start, epoch_idx)
+        return loss
+
+    def _valid_epoch(self, valid_data, show_progress=False):
+        start = time.perf_counter()
+        score, result = super()._valid_epoch(valid_data, show_progress=show_progress)
+        self.tensorboard.add_scalar("Time/valid_s", time.perf_counter() - start, self._epoch)
+        for metric, value in result.items():
+            self.tensorboard.add_scalar(f"Valid/{metric}", value, self._epoch)
+        return score, result
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if load_best_model and is_distributed(self.config):
+            dist.barrier()  # rank 0 has finished writing the checkpoint
+        return super().evaluate(eval_data, load_best_model, model_file, show_progress)
+
+    def log_final(self, tag: str, values: Mapping[str, float]) -> None:
+        """End-of-run scalars ``<tag>/<name>`` (at the last trained epoch), flushed at once."""
+        for name, value in values.items():
+            self.tensorboard.add_scalar(f"{tag}/{name}", float(value), max(self._epoch, 0))
+        self.tensorboard.flush()
+
+
+class TrainerExtensions(ResumePointsMixin, RunSupportMixin):
+    """Everything a RecBole ``Trainer`` gets here: resume points, atomic checkpoints, CPU DDP, tensorboard."""
 
 
 @functools.lru_cache(maxsize=None)
-def extend_trainer(trainer_class: type) -> type:
-    """``trainer_class`` (a RecBole trainer) with CPU DDP, one DDP checkpoint and full tensorboard scalars."""
+def extended_trainer(trainer_class: type) -> type:
+    """``Extended<Name>``: a RecBole ``Trainer`` subclass with :class:`TrainerExtensions` (built once per class).
 
-    base = with_trusted_checkpoints(trainer_class)
-    if issubclass(trainer_class, Trainer):  # not RecBole's tree-model trainers
-        base = with_resume_points(base)
-
-    class ExtendedTrainer(base):
-        def __init__(self, config, model):
-            # RecBole's ensure_dir checks, then creates: DDP ranks racing there fail with FileExistsError
-            os.makedirs(config["checkpoint_dir"], exist_ok=True)
-            cpu_ddp = is_distributed(config) and config["device"].type == "cpu"
-            with _single_process_view(config) if cpu_ddp else contextlib.nullcontext():
-                super().__init__(config, model)
-            if cpu_ddp:
-                self.distributed_model = DistributedDataParallel(self.model)
-            if is_distributed(config):
-                self.saved_model_file = broadcast_from_rank0(self.saved_model_file)
-                if not is_main_process(config):
-                    self.tensorboard.close()
-                    self.tensorboard = _NoTensorboard()
-            if is_main_process(config):
-                self.tensorboard = _own_tensorboard(self.tensorboard, config)
-            self._epoch = -1
-
-        def fit(self, *args, **kwargs):
-            try:
-                return super().fit(*args, **kwargs)
-            finally:
-                self.tensorboard.flush()
-
-        def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
-            self._epoch = epoch_idx
-            start = time.perf_counter()
-            loss = super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
-            self.tensorboard.add_scalar("Time/train_s", time.perf_counter() - start, epoch_idx)
-            return loss
-
-        def _valid_epoch(self, valid_data, *args, **kwargs):  # RecBole's tree trainers take no show_progress
-            start = time.perf_counter()
-            score, result = super()._valid_epoch(valid_data, *args, **kwargs)
-            self.tensorboard.add_scalar("Time/valid_s", time.perf_counter() - start, self._epoch)
-            for metric, value in result.items():
-                self.tensorboard.add_scalar(f"Valid/{metric}", value, self._epoch)
-            return score, result
-
-        def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
-            if load_best_model and is_distributed(self.config):
-                dist.barrier()  # rank 0 has finished writing the checkpoint
-            return super().evaluate(eval_data, load_best_model, model_file, show_progress)
-
-        def log_final(self, tag: str, values: Mapping[str, float]) -> None:
-            """End-of-run scalars ``<tag>/<name>`` (at the last trained epoch), flushed at once."""
-            for name, value in values.items():
-                self.tensorboard.add_scalar(f"{tag}/{name}", float(value), max(self._epoch, 0))
-            self.tensorboard.flush()
-
-    ExtendedTrainer.__name__ = trainer_class.__name__
-    ExtendedTrainer.__qualname__ = trainer_class.__qualname__
-    return ExtendedTrainer
+    RecBole's tree-model trainers (not ``Trainer`` subclasses) are returned as they are.
+    """
+    if not issubclass(trainer_class, Trainer) or issubclass(trainer_class, TrainerExtensions):
+        return trainer_class
+    return type(f"Extended{trainer_class.__name__}", (TrainerExtensions, trainer_class),
+                {"__doc__": f"RecBole's {trainer_class.__name__} with reveal-recbole's TrainerExtensions."})

@@ -1,4 +1,6 @@
-"""A disk cache of prompt-conditioned image features, so FVE re-extracts only what changed.
+"""A disk cache of item features keyed by content, so extraction recomputes only what changed.
+
+Used by FVE (prompt-conditioned image features) and by the text feature extraction.
 
 Each FVE round rewrites the prompts of a quarter of the items at most; a feature depends only
 on the image, the prompt and the encoder, so every other item's feature is read back. A key
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reveal_recbole.utils import atomic_write_bytes, atomic_write_text
+from reveal_recbole.atomic import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

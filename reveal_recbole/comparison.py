@@ -1,0 +1,154 @@
+"""Comparison tables: several models (and variants) on one dataset, split and seed list.
+
+``compare`` runs each ``Name`` or ``Name[key=value,...]`` spec once per seed through
+:func:`reveal_recbole.quick_start.run_reveal` and tables mean ± std per metric, the gain of each
+``XREVEAL`` over ``X``, the visual-utilisation drops and seconds per epoch.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+
+import yaml
+
+from reveal_recbole.atomic import atomic_write_text
+from reveal_recbole.errors import ConfigError, UserInputError
+from reveal_recbole.quick_start import run_reveal
+
+REPORT_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+
+
+def parse_model_spec(spec: str) -> tuple[str, dict]:
+    """``"SASRecREVEAL[avl=False,fusion=gated]"`` -> ``("SASRecREVEAL", {"avl": False, "fusion": "gated"})``."""
+    match = re.fullmatch(r"\s*([A-Za-z0-9_]+)\s*(?:\[(.*)\])?\s*", spec)
+    if match is None:
+        raise ConfigError(f"bad model spec {spec!r}: expected Name or Name[key=value,...]")
+    overrides = {}
+    for pair in filter(None, (match.group(2) or "").split(",")):
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"bad override {pair!r} in model spec {spec!r}: expected key=value")
+        overrides[key.strip()] = yaml.safe_load(value.strip())
+    return match.group(1), overrides
+
+
+def summarise(results: dict[str, list[dict]], metrics=REPORT_METRICS) -> list[dict]:
+    """Mean and sample std over seeds of each test metric, seconds per epoch, and utilisation drops."""
+    summary = []
+    for label, runs in results.items():
+        row = {"model": label, "seeds": len(runs)}
+        for metric in metrics:
+            values = [float(r["test_result"][metric]) for r in runs]
+            row[metric] = statistics.fmean(values)
+            row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        row["s_per_epoch"] = statistics.fmean(r["train_seconds"] / max(r["epochs"], 1) for r in runs)
+        for modality in ("image", "text"):
+            drops = [r["utilisation"]["drop"][modality]["ndcg@10"] for r in runs if modality in r.get("utilisation", {}).get("drop", {})]
+            row[f"{modality}_masked_drop_ndcg@10"] = statistics.fmean(drops) if drops else None
+        summary.append(row)
+    return summary
+
+
+def relative_improvement(summary: list[dict], metric: str) -> dict[str, float]:
+    """For each ``XREVEAL[...]`` row, its relative gain in ``metric`` over the row named ``X``."""
+    by_label = {row["model"]: row for row in summary}
+    gains = {}
+    for row in summary:
+        name, _ = parse_model_spec(row["model"])
+        backbone = by_label.get(name[: -len("REVEAL")]) if name.endswith("REVEAL") else None
+        if backbone and backbone[metric] > 0:
+            gains[row["model"]] = row[metric] / backbone[metric] - 1.0
+    return gains
+
+
+def comparison_table(summary: list[dict], metrics=REPORT_METRICS) -> list[list[str]]:
+    """Markdown/CSV rows: mean +- std per metric (best mean marked ``*``), gain over the backbone, cost."""
+    best = {m: max(row[m] for row in summary) for m in metrics}
+    gains = {m: relative_improvement(summary, m) for m in ("ndcg@10", "recall@20")}
+    rows = [["model", "seeds", *metrics, "NDCG@10 vs backbone", "Recall@20 vs backbone",
+             "image-masked drop NDCG@10", "text-masked drop NDCG@10", "s/epoch"]]
+    for row in summary:
+        cells = [f"{row[m]:.4f} ± {row[m + '_std']:.4f}" + ("*" if row[m] == best[m] else "") for m in metrics]
+        gain_cells = [f"{gains[m][row['model']]:+.1%}" if row["model"] in gains[m] else "" for m in gains]
+        drops = [f"{row[k]:.4f}" if row[k] is not None else "" for k in ("image_masked_drop_ndcg@10", "text_masked_drop_ndcg@10")]
+        rows.append([row["model"], str(row["seeds"]), *cells, *gain_cells, *drops, f"{row['s_per_epoch']:.1f}"])
+    return rows
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def _run_record(spec: str, result: dict) -> dict:
+    """What the comparison table needs of one run, as JSON."""
+    keys = ("seed", "test_result", "epochs", "train_seconds", "utilisation")
+    return json.loads(json.dumps({"spec": spec} | {k: result[k] for k in keys if k in result}, default=float))
+
+
+def read_run_records(path: str | Path) -> list[dict]:
+    """The finished runs recorded by an earlier (perhaps interrupted) ``compare``."""
+    try:
+        records = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserInputError(f"cannot resume the comparison: no file {path}") from None
+    except json.JSONDecodeError as error:
+        raise UserInputError(f"cannot resume the comparison: {path} is not a runs file ({error})") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) and {"spec", "seed", "test_result"} <= set(r) for r in records):
+        raise UserInputError(f"cannot resume the comparison: {path} is not a list of run records")
+    return records
+
+
+def compare(models, dataset, seeds=None, config_file_list=None, config_dict=None, output_dir="results", saved=True,
+            resume=None):
+    """Run each model spec (``Name`` or ``Name[key=value,...]``) for each seed on one dataset and config.
+
+    Every model sees the same data, leave-one-out split and seed list. Writes
+    ``compare-<dataset>-<time>.md`` / ``.csv`` (the summary) and ``-runs.csv`` (one row per run).
+    Each finished run is recorded at once in ``-runs.json``; ``resume=<that file>`` reruns only
+    the (model, seed) pairs it lacks and writes the tables next to it.
+    """
+    if resume is not None:
+        stem = Path(resume).with_name(Path(resume).name.removesuffix("-runs.json"))
+        records = read_run_records(resume)
+    else:
+        stem = Path(output_dir) / f"compare-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        records = []
+    runs_file = stem.with_name(stem.name + "-runs.json")
+
+    def wanted(record: dict, spec: str, seed: int | None) -> bool:
+        return record["spec"] == spec and (seed is None or record["seed"] == seed)
+
+    results: dict[str, list[dict]] = {}
+    for spec in models:
+        model, overrides = parse_model_spec(spec)
+        for seed in seeds or [None]:  # None: the configured seed
+            finished = [r for r in records if wanted(r, spec, seed)]
+            if not finished:
+                settings = dict(config_dict or {}) | overrides | ({} if seed is None else {"seed": seed})
+                finished = [_run_record(spec, run_reveal(model, dataset, config_file_list, settings, saved=saved))]
+                records += finished
+                atomic_write_text(runs_file, json.dumps(records, indent=1) + "\n")
+            results.setdefault(spec, []).append(finished[0])
+    run_rows = [["model", "seed", *REPORT_METRICS, "epochs", "train_seconds"]]
+    run_rows += [[r["spec"], r["seed"], *(r["test_result"][m] for m in REPORT_METRICS), r["epochs"],
+                  f"{r['train_seconds']:.1f}"] for runs in results.values() for r in runs]
+    rows = comparison_table(summarise(results))
+    atomic_write_text(stem.with_suffix(".md"), markdown_table(rows))
+    atomic_write_text(stem.with_suffix(".csv"), csv_text(rows))
+    atomic_write_text(stem.with_name(stem.name + "-runs.csv"), csv_text(run_rows))
+    print(markdown_table(rows))
+    print(f"saved {stem.with_suffix('.md')}, {stem.with_suffix('.csv')} and {stem.name}-runs.csv/.json")
+    return results, rows
+
+
+def csv_text(rows) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue()
