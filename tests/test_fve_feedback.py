@@ -152,9 +152,8 @@ def test_mask_history_mirrors_recbole():
 def tiny_sasrec(tmp_path_factory):
     """An untrained tiny SASRec and its RecBole loaders on a generated 12-user, 30-item set."""
     from recbole.config import Config
-    from recbole.data import create_dataset, data_preparation
-    from recbole.model.sequential_recommender import SASRec
-    from recbole.utils import init_seed
+
+    from reveal_recbole.pipeline import build_model, prepare_data
 
     root = tmp_path_factory.mktemp("fve_feedback")
     rng = np.random.default_rng(0)
@@ -172,11 +171,8 @@ def tiny_sasrec(tmp_path_factory):
         "metrics": ["Recall", "NDCG"], "topk": [10], "valid_metric": "NDCG@10", "eval_batch_size": 5,
         "show_progress": False, "save_dataset": False, "save_dataloaders": False, "seed": 1, "reproducibility": True,
     })
-    init_seed(config["seed"], config["reproducibility"])
-    dataset = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-    model = SASRec(config, train_data._dataset)
-    return config, model, train_data, valid_data
+    _, train_data, valid_data, _ = prepare_data(config)
+    return config, build_model(config, train_data), train_data, valid_data
 
 
 def test_collect_valid_feedback_agrees_with_recbole_recall(tiny_sasrec):
