@@ -2,12 +2,19 @@
 
 Sequential backbones in RecBole embed items in two ways: ``item_embedding(ids)`` for the input
 sequence (and BPR's positive/negative items) and ``item_embedding.weight`` for full-ranking
-scores. The encoder answers both with the same fused representation
+(and CE) scores. The encoder answers both with the same fused representation
 
     e_i = fuse(E_id[i], drop(W_v f_v[i] + b_v), drop(W_t f_t[i] + b_t))
 
-so a backbone runs unchanged. The ID table is the backbone's own ``nn.Embedding`` (its
+so a backbone runs unchanged; with ``score_with="id"`` the ``.weight`` side is the ID table
+alone, as in the REVEAL authors' code. The ID table is the backbone's own ``nn.Embedding`` (its
 initialisation is kept), the feature tables come from the dataset's aligned feature files.
+
+A *masked* modality (``masking``) contributes a zero vector in place of its projected embedding
+``W f + b`` (the bias does not pass), and with ``gated`` fusion it is left out of the softmax:
+the table is then the one an encoder without that modality would build. This is where the
+authors mask (YutongLi2024/REVEAL, REVEAL/AVL/M3SRec.py, ``avl_apply_mask`` applied to
+``item_image_embeddings = self.fc_mean_image(self.image_mean_embeddings(sequence))``).
 """
 from __future__ import annotations
 
@@ -21,8 +28,95 @@ from torch import nn
 from reveal_recbole.data.features import ItemFeatures
 from reveal_recbole.errors import ConfigError
 
-FUSIONS = ("sum", "concat", "gated")
+FUSIONS = ("sum", "concat", "gated", "moe")
 MISSING_FEATURE_MODES = ("zero", "learned")
+SCORE_WITH = ("fused", "id")
+
+
+# encoder keys newer than some saved checkpoints: a saved config without them gets these
+SETTING_DEFAULTS = {
+    "score_with": "fused", "id_dropout": 0.0, "moe_shared_experts": 2, "moe_specific_experts": 4, "moe_low_rank": 4,
+}
+
+
+def encoder_settings(config, modalities) -> dict:
+    """The encoder's ``score_with``, ``id_dropout`` and ``moe_*`` keyword arguments from a config.
+
+    ``score_with: id`` is refused unless ``loss_type`` is CE: with BPR a backbone looks its
+    candidates up through ``item_embedding(ids)``, the call that also embeds the input sequence,
+    so the encoder cannot tell them apart and they would be scored fused, silently.
+    """
+    settings = {key: default if config[key] is None else config[key] for key, default in SETTING_DEFAULTS.items()}
+    if settings["score_with"] == "id" and modalities and config["loss_type"] != "CE":
+        raise ConfigError(
+            f"score_with: id needs loss_type: CE, got {config['loss_type']!r}: with BPR the backbone looks its "
+            "candidates up through item_embedding(ids), the call that embeds the input sequence, so they would be "
+            "scored with the fused embeddings; use loss_type: CE or score_with: fused"
+        )
+    return settings
+
+
+def _expert(in_dim: int, dim: int) -> nn.Sequential:
+    """The authors' ``Expert``: Linear -> GELU -> Linear, hidden size = the embedding size."""
+    return nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(), nn.Linear(dim, dim))
+
+
+def _router(in_dim: int, hidden: int, experts: int) -> nn.Sequential:
+    """The authors' low-rank gate (``dnn*``): Linear -> GELU -> Linear, no biases; softmax applied by the caller."""
+    return nn.Sequential(nn.Linear(in_dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, experts, bias=False))
+
+
+def _mix(experts: nn.ModuleList, router: nn.Sequential, expert_input: torch.Tensor, router_input: torch.Tensor):
+    weights = torch.softmax(router(router_input), dim=-1)  # (rows, experts)
+    outputs = torch.stack([expert(expert_input) for expert in experts], dim=-1)  # (rows, dim, experts)
+    return (outputs * weights.unsqueeze(-2)).sum(-1)
+
+
+class MixtureOfExperts(nn.Module):
+    """The REVEAL authors' fusion (M3SRec's "multi-scale multimodal fusion layer"), applied per item.
+
+    From YutongLi2024/REVEAL, M3SRec/M3SRec.py and REVEAL/AVL/M3SRec.py (``add_position_mean_embedding``)::
+
+        x = cat(e_id, e_v, e_t);  shared = sum_s softmax(dnn_share(x))_s * expert_shared_s(x)
+        out_k = sum_p softmax(dnn_k(e_k))_p * expert_k_p(e_k + shared)     for k in id, image, text
+        task_out = attention-weighted sum of out_id, out_v, out_t, shared
+        e = e_id + e_v + e_t + task_out
+
+    with 2 shared and 4 specific experts per part and gates of width ``dim / low_rank`` (4) by
+    default (their ``num_shared_experts``, ``num_specific_experts``, ``low_rank`` in M3SRec/main.py).
+    One change: their attention (``attention_layer = nn.Linear(4H, H)``, softmax over the hidden
+    axis, then ``gate_1_out[:, 0, :] * attention_scores[:, 0, :]`` ... ``attention_scores[:, 3, :]``)
+    weights sequence position 0 with the scores of positions 0-3 and copies the result to all 100
+    positions; an item table has no positions, so here a ``Linear((P+1) H, P+1)`` gives each item
+    one softmax weight per output, the evident intent. Any number of parts P works.
+    """
+
+    def __init__(self, names: tuple[str, ...], dim: int, shared_experts: int = 2, specific_experts: int = 4,
+                 low_rank: int = 4):
+        super().__init__()
+        self.names = names
+        hidden = max(int(dim / low_rank), 1)
+        width = len(names) * dim
+        self.shared_experts = nn.ModuleList(_expert(width, dim) for _ in range(shared_experts))
+        self.shared_router = _router(width, hidden, shared_experts)
+        self.experts = nn.ModuleDict(
+            {name: nn.ModuleList(_expert(dim, dim) for _ in range(specific_experts)) for name in names}
+        )
+        self.routers = nn.ModuleDict({name: _router(dim, hidden, specific_experts) for name in names})
+        self.attention = nn.Linear((len(names) + 1) * dim, len(names) + 1)
+
+    def part_parameters(self, name: str) -> list[nn.Parameter]:
+        """One part's own experts and gate (the authors' ``experts_task2_*``, ``dnn2_*`` for the image)."""
+        return [*self.experts[name].parameters(), *self.routers[name].parameters()]
+
+    def forward(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.cat(parts, dim=-1)
+        shared = _mix(self.shared_experts, self.shared_router, x, x)
+        outputs = [_mix(self.experts[n], self.routers[n], part + shared, part) for n, part in zip(self.names, parts)]
+        outputs.append(shared)
+        weights = torch.softmax(self.attention(torch.cat(outputs, dim=-1)), dim=-1)
+        task_out = (torch.stack(outputs, dim=-1) * weights.unsqueeze(-2)).sum(-1)
+        return torch.stack(parts).sum(0) + task_out
 
 
 class REVEALItemEncoder(nn.Module):
@@ -33,12 +127,19 @@ class REVEALItemEncoder(nn.Module):
             token) sets the encoder's; rows beyond the features (the mask token) count as items
             without a feature. The padding row's output is kept at zero.
         item_features: aligned features per modality (``dataset.item_features``).
-        fusion: ``sum`` (ID + modalities), ``concat`` (linear map of the concatenation) or
-            ``gated`` (softmax weights over the parts, scored per item by each part's own head).
+        fusion: ``sum`` (ID + modalities), ``concat`` (linear map of the concatenation),
+            ``gated`` (softmax weights over the parts, scored per item by each part's own head) or
+            ``moe`` (the authors' mixture of experts, :class:`MixtureOfExperts`).
         feature_trainable: fine-tune the feature tables (as the REVEAL authors do) or freeze them.
         feature_dropout: dropout on each projected modality embedding.
         missing_feature: ``zero`` input or a ``learned`` vector for items without a feature.
         feature_norm: ``l2`` normalises each feature row at load time; ``none`` keeps it as is.
+        score_with: ``fused``: candidates are scored with the fused table (``.weight``), as inputs
+            are embedded; ``id``: ``.weight`` is the ID table, so only the input sequence sees the
+            features (the authors' choice: their ``predict_full`` reads ``item_embeddings.weight``).
+        id_dropout: in training, each item's ID part is zeroed with this probability, so the
+            model must also rank items from their features (keeps the IDs from crowding them out).
+        moe_shared_experts, moe_specific_experts, moe_low_rank: the ``moe`` fusion's sizes.
     """
 
     def __init__(
@@ -50,6 +151,11 @@ class REVEALItemEncoder(nn.Module):
         feature_dropout: float = 0.0,
         missing_feature: str = "zero",
         feature_norm: str = "l2",
+        score_with: str = "fused",
+        id_dropout: float = 0.0,
+        moe_shared_experts: int = 2,
+        moe_specific_experts: int = 4,
+        moe_low_rank: int = 4,
     ):
         super().__init__()
         if fusion not in FUSIONS:
@@ -58,11 +164,23 @@ class REVEALItemEncoder(nn.Module):
             raise ConfigError(f"missing_feature must be one of {MISSING_FEATURE_MODES}, got {missing_feature!r}")
         if feature_norm not in ("l2", "none"):
             raise ConfigError(f"feature_norm must be 'l2' or 'none', got {feature_norm!r}")
+        if score_with not in SCORE_WITH:
+            raise ConfigError(f"score_with must be one of {SCORE_WITH}, got {score_with!r}")
+        if isinstance(id_dropout, bool) or not isinstance(id_dropout, (int, float)) or not 0 <= id_dropout < 1:
+            raise ConfigError(f"id_dropout must be a number in [0, 1), got {id_dropout!r}")
+        if id_dropout > 0 and not item_features:
+            raise ConfigError("id_dropout needs at least one modality: without features a dropped ID leaves a zero item")
+        for key, value in (("moe_shared_experts", moe_shared_experts), ("moe_specific_experts", moe_specific_experts),
+                           ("moe_low_rank", moe_low_rank)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
         self.id_embedding = id_embedding
         self.num_embeddings = id_embedding.num_embeddings
         self.embedding_dim = id_embedding.embedding_dim
         self.padding_idx = id_embedding.padding_idx
         self.fusion = fusion
+        self.score_with = score_with
+        self.id_dropout = float(id_dropout)
         self.modalities = tuple(item_features)
         self.masked_modalities: frozenset[str] = frozenset()
         self._table_cache: tuple[tuple, torch.Tensor] | None = None
@@ -88,6 +206,10 @@ class REVEALItemEncoder(nn.Module):
             self.gate_heads = nn.ModuleDict(
                 {name: nn.Linear(self.embedding_dim, 1) for name in ("id",) + self.modalities}
             )
+        if fusion == "moe" and self.modalities:
+            self.moe = MixtureOfExperts(
+                ("id",) + self.modalities, self.embedding_dim, moe_shared_experts, moe_specific_experts, moe_low_rank
+            )
         self.register_buffer("_padding_index", torch.tensor([self.padding_idx or 0]), persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _: module.clear_cache())
 
@@ -110,11 +232,19 @@ class REVEALItemEncoder(nn.Module):
             params.append(self.missing_vectors[modality])
         if self.fusion == "gated":
             params.extend(self.gate_heads[modality].parameters())
+        if self.fusion == "moe":
+            params.extend(self.moe.part_parameters(modality))
         return [p for p in params if p.requires_grad]
 
     @contextlib.contextmanager
     def masking(self, modalities: Iterable[str]) -> Iterator[None]:
-        """Zero the input features of ``modalities`` for the forward passes inside the block."""
+        """Remove ``modalities`` for the forward passes inside the block.
+
+        A masked modality's projected embedding is zero (no projection bias passes) and ``gated``
+        fusion gives it no share: the table equals that of an encoder built without it (the
+        ``moe`` fusion, as the authors', runs its experts on the zero vector). AVL's masked losses
+        and the visual-utilisation diagnostics both mask through here.
+        """
         modalities = frozenset(modalities)
         unknown = modalities - set(self.modalities)
         if unknown:
@@ -128,32 +258,64 @@ class REVEALItemEncoder(nn.Module):
 
     # ----------------------------------------------------------------- the fused table
     def modality_input(self, modality: str) -> torch.Tensor:
-        """The feature rows fed to a modality's projection: zeros when masked."""
+        """The feature rows fed to a modality's projection (the learned vector where an item has none)."""
         table = self.feature_tables[modality]
-        if modality in self.masked_modalities:
-            return torch.zeros_like(table)
         if modality in self.missing_vectors:
             present = getattr(self, f"present_{modality}").unsqueeze(1)
             return torch.where(present, table, self.missing_vectors[modality])
         return table
 
-    def fuse(self, parts: list[torch.Tensor]) -> torch.Tensor:
+    def modality_embedding(self, modality: str) -> torch.Tensor | None:
+        """``drop(W f + b)`` for every item; ``None`` while the modality is masked."""
+        if modality in self.masked_modalities:
+            return None
+        return self.dropout(self.projections[modality](self.modality_input(modality)))
+
+    def id_part(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The ID rows and, in training with ``id_dropout``, which rows were kept.
+
+        A dropped row is zeroed without rescaling the kept ones: at evaluation every item has its
+        ID, a case training also sees, rather than a 1/(1-p)-scaled ID training never matched.
+        """
+        weight = self.id_embedding.weight
+        if not (self.training and self.id_dropout > 0):
+            return weight, None
+        kept = torch.rand(weight.shape[0], device=weight.device) >= self.id_dropout
+        return weight * kept.unsqueeze(1).to(weight.dtype), kept
+
+    def fuse(self, parts: list[torch.Tensor], kept: list[torch.Tensor | bool | None] | None = None) -> torch.Tensor:
+        """Fuse ID and modality parts; ``kept[i]`` is ``None`` (all rows), ``False`` (part removed) or one bool per row.
+
+        Removed parts are zero vectors; ``gated`` also takes them out of the softmax.
+        """
         if len(parts) == 1:
             return parts[0]
         if self.fusion == "sum":
             return torch.stack(parts).sum(0)
         if self.fusion == "concat":
             return self.concat_projection(torch.cat(parts, dim=-1))
+        if self.fusion == "moe":
+            return self.moe(parts)
         names = ("id",) + self.modalities
         logits = torch.cat([self.gate_heads[n](p) for n, p in zip(names, parts)], dim=-1)
+        if kept is not None and any(k is not None for k in kept):
+            present = torch.ones_like(logits, dtype=torch.bool)
+            for column, k in enumerate(kept):
+                if k is not None:
+                    present[:, column] = k
+            present |= ~present.any(-1, keepdim=True)  # every part removed: all are zero, any weights do
+            logits = logits.masked_fill(~present, float("-inf"))
         weights = torch.softmax(logits, dim=-1)
         return (torch.stack(parts, dim=-1) * weights.unsqueeze(-2)).sum(-1)
 
     def compute_table(self) -> torch.Tensor:
-        parts = [self.id_embedding.weight]
+        id_rows, id_kept = self.id_part()
+        parts, kept = [id_rows], [id_kept]
         for modality in self.modalities:
-            parts.append(self.dropout(self.projections[modality](self.modality_input(modality))))
-        table = self.fuse(parts)
+            embedding = self.modality_embedding(modality)
+            parts.append(torch.zeros_like(id_rows) if embedding is None else embedding)
+            kept.append(False if embedding is None else None)
+        table = self.fuse(parts, kept)
         if self.padding_idx is not None:  # keep RecBole's padding item at zero, as nn.Embedding does
             table = table.index_fill(0, self._padding_index, 0.0)
         return table
@@ -194,6 +356,9 @@ class REVEALItemEncoder(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
+        """The table candidates are scored against (full ranking, CE): fused, or the ID table with ``score_with="id"``."""
+        if self.score_with == "id":
+            return self.id_embedding.weight
         return self.table()
 
     def forward(self, item_ids: torch.Tensor) -> torch.Tensor:
@@ -202,4 +367,4 @@ class REVEALItemEncoder(nn.Module):
         return F.embedding(item_ids, self.table())
 
     def extra_repr(self) -> str:
-        return f"modalities={list(self.modalities)}, fusion={self.fusion}"
+        return f"modalities={list(self.modalities)}, fusion={self.fusion}, score_with={self.score_with}"

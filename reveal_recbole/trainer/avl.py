@@ -1,5 +1,17 @@
 """AVL, Adaptive Visual Learning: per-step re-weighting of the visual branch's gradients.
 
+Two variants (``avl_variant``), both read from the authors' code (YutongLi2024/REVEAL):
+
+- ``reveal``: :func:`visual_weight`, the paper's K_v on the image gradients only
+  (REVEAL/AVL/trainers.py, ``M3SRecTrainer._avl_compute_Kv``, clamp ``avl_kappa_min/max``
+  0.1 / 10);
+- ``agm``: :func:`agm_weights`, the AGM-style trainer their entry point M3SRec/main.py runs
+  (M3SRec/trainers.py, ``FinetuneTrainer._agm_compute_kappas``): kappa for the image *and* the
+  text gradients, clamp ``agm_kappa_min/max`` 0.2 / 2.0, ``agm_alpha`` 1.0.
+
+Both trainers keep *cumulative* means, updated with the step's value before use
+(``t += 1; bar = bar * (t - 1) / t + L / t``), which is ``avl_momentum: ~`` here.
+
 At every training step (every ``avl_interval``-th step; K_v is held in between):
 
 1. ``L`` is the backbone's own loss; without gradient, ``L_v`` is the same loss with the text
@@ -10,16 +22,19 @@ At every training step (every ``avl_interval``-th step; K_v is held in between):
    mean of all values so far (``avl_momentum: ~``); the first value initialises them. They are
    updated with the step's values *before* use, so the first step gives K_v = 1.
 3. ``r_v = exp(L_v - L_t)``, ``r̄_v = exp(L̄_v - L̄_t)``.
-4. ``K_v = clamp(exp(alpha (r_v - r̄_v)), k_min, k_max)``.
+4. ``K_v = clamp(exp(alpha (r_v - r̄_v)), k_min, k_max)`` (``agm``: see :func:`agm_weights`).
 5. During backward, tensor hooks multiply the gradient of every visual parameter (image
-   feature table, image projection, image gate head) by K_v, so clipping and the optimiser
-   step see the re-weighted gradients; other gradients are untouched.
+   feature table, image projection, image gate head or experts) by K_v (``agm``: and every text
+   parameter by K_t), so clipping and the optimiser step see the re-weighted gradients; other
+   gradients are untouched. The hooks exist only while the trainer runs a training epoch, so a
+   later trainer (or any backward outside training) on the same model never meets a stale K_v.
 
 The running means live in the model buffer ``avl_running_losses`` (mean_v, mean_t, count), so
 RecBole's checkpoints save them and ``resume_checkpoint`` restores them.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -32,8 +47,14 @@ import torch.distributed as dist
 from reveal_recbole.errors import ConfigError
 
 CSV_COLUMNS = (
-    "epoch", "step", "loss", "loss_v", "loss_t", "mean_v", "mean_t", "k_v", "grad_norm_image", "grad_norm_text",
+    "epoch", "step", "loss", "loss_v", "loss_t", "mean_v", "mean_t", "k_v", "k_t", "grad_norm_image", "grad_norm_text",
 )
+AVL_VARIANTS = ("reveal", "agm")
+# what ``auto`` resolves to: each trainer's own constants and its running mean (None = cumulative)
+VARIANT_DEFAULTS = {
+    "reveal": {"k_min": 0.1, "k_max": 10.0, "momentum": 0.9},  # clamp of REVEAL/AVL/trainers.py; EMA: this project's
+    "agm": {"k_min": 0.2, "k_max": 2.0, "momentum": None},  # agm_kappa_min/max of M3SRec/main.py, cumulative means
+}
 
 
 def visual_weight(loss_v, loss_t, mean_v, mean_t, alpha: float = 1.0, k_min: float = 0.1, k_max: float = 10.0):
@@ -45,10 +66,46 @@ def visual_weight(loss_v, loss_t, mean_v, mean_t, alpha: float = 1.0, k_min: flo
     return torch.exp(exponent)
 
 
+def _safe_exp(x: torch.Tensor) -> torch.Tensor:
+    return torch.exp(torch.clamp(x, max=50.0))
+
+
+def agm_weights(loss_v, loss_t, mean_v, mean_t, alpha: float = 1.0, k_min: float = 0.2, k_max: float = 2.0):
+    """(kappa_v, kappa_t), the authors' AGM-style weights, for floats or tensors, without overflow.
+
+    M3SRec/trainers.py, ``FinetuneTrainer._agm_compute_kappas``, on scores ``s = -L``::
+
+        r_img = exp(s_img - s_txt);  tau_img = exp(hat_s_img - hat_s_txt)   (hat_s: running means of s)
+        kappa_img = clamp(exp(-alpha (r_img - tau_img)), agm_kappa_min, agm_kappa_max)   and the same for text
+
+    The means of ``-L`` are minus the means of ``L`` (for either running mean), so ``r_img =
+    exp(L_t - L_v)`` and ``tau_img = exp(L̄_t - L̄_v)``. Images doing worse than usual against text
+    give kappa_v > 1 (and kappa_t < 1), as K_v does, but through ``exp(-(e^-d - e^-d̄))`` in
+    place of ``exp(e^d - e^d̄)``, d = L_v - L_t, and with the text gradients damped as well.
+    """
+    loss_v, loss_t, mean_v, mean_t = (torch.as_tensor(x, dtype=torch.float64) for x in (loss_v, loss_t, mean_v, mean_t))
+    low, high = math.log(k_min), math.log(k_max)
+    r_v, tau_v = _safe_exp(loss_t - loss_v), _safe_exp(mean_t - mean_v)
+    r_t, tau_t = _safe_exp(loss_v - loss_t), _safe_exp(mean_v - mean_t)
+    kappa_v = torch.exp(torch.clamp(-alpha * (r_v - tau_v), min=low, max=high))
+    kappa_t = torch.exp(torch.clamp(-alpha * (r_t - tau_t), min=low, max=high))
+    return kappa_v, kappa_t
+
+
+def modality_weights(variant: str, loss_v, loss_t, mean_v, mean_t, alpha: float, k_min: float, k_max: float):
+    """(K_v, K_t): the gradient weights of the visual and text parameters under ``variant``."""
+    if variant == "agm":
+        return agm_weights(loss_v, loss_t, mean_v, mean_t, alpha, k_min, k_max)
+    k_v = visual_weight(loss_v, loss_t, mean_v, mean_t, alpha, k_min, k_max)
+    return k_v, torch.ones_like(k_v)
+
+
 def update_running_mean(mean, value, count, momentum: Optional[float]) -> torch.Tensor:
     """The running mean after ``count`` earlier values: exponential with ``momentum``, else cumulative.
 
-    Branch-free on tensors (no device sync): the first value initialises either mean.
+    Branch-free on tensors (no device sync): the first value initialises either mean. The
+    cumulative form ``mean + (value - mean) / (count + 1)`` is the authors'
+    ``bar * (t - 1) / t + value / t`` with ``t = count + 1``, rearranged.
     """
     mean, value, count = (torch.as_tensor(x, dtype=torch.float64) for x in (mean, value, count))
     if momentum is None:
@@ -92,76 +149,114 @@ def config_number(config, key: str, kind: type):
     return kind(value)
 
 
+AUTO = "auto"  # a setting that follows the variant (VARIANT_DEFAULTS)
+
+
 @dataclass
 class AVLConfig:
+    """AVL settings; ``auto`` clamps and momentum take the variant's defaults."""
+
     alpha: float = 1.0
-    k_min: float = 0.1
-    k_max: float = 10.0
-    momentum: Optional[float] = 0.9
+    k_min: float | str = AUTO
+    k_max: float | str = AUTO
+    momentum: Optional[float] | str = AUTO
     interval: int = 1
     visual: str = "image"
     text: str = "text"
+    variant: str = "reveal"
+
+    def __post_init__(self):
+        if self.variant not in AVL_VARIANTS:
+            raise ConfigError(f"avl_variant must be one of {AVL_VARIANTS}, got {self.variant!r}")
+        for name, value in VARIANT_DEFAULTS[self.variant].items():
+            if getattr(self, name) == AUTO:
+                setattr(self, name, value)
+        if not 0 < self.k_min <= 1 <= self.k_max:
+            raise ConfigError(f"AVL needs 0 < avl_min <= 1 <= avl_max, got {self.k_min}, {self.k_max}")
+        if self.interval < 1:
+            raise ConfigError(f"avl_interval must be >= 1, got {self.interval}")
+        if self.momentum is not None and not 0 <= self.momentum < 1:
+            raise ConfigError(f"avl_momentum must be in [0, 1), null (cumulative) or auto, got {self.momentum}")
 
     @classmethod
     def from_config(cls, config) -> "AVLConfig":
-        values = dict(
-            alpha=config_number(config, "avl_alpha", float), k_min=config_number(config, "avl_min", float),
-            k_max=config_number(config, "avl_max", float),
-            momentum=None if config["avl_momentum"] is None else config_number(config, "avl_momentum", float),
+        def number_or_auto(key: str):
+            return AUTO if config[key] == AUTO else config_number(config, key, float)
+
+        return cls(
+            alpha=config_number(config, "avl_alpha", float), k_min=number_or_auto("avl_min"),
+            k_max=number_or_auto("avl_max"),
+            momentum=None if config["avl_momentum"] is None else number_or_auto("avl_momentum"),
             interval=config_number(config, "avl_interval", int),
+            variant=config["avl_variant"] or "reveal",  # a config saved before avl_variant existed
         )
-        if not 0 < values["k_min"] <= 1 <= values["k_max"]:
-            raise ConfigError(f"AVL needs 0 < avl_min <= 1 <= avl_max, got {values['k_min']}, {values['k_max']}")
-        if values["interval"] < 1:
-            raise ConfigError(f"avl_interval must be >= 1, got {values['interval']}")
-        if values["momentum"] is not None and not 0 <= values["momentum"] < 1:
-            raise ConfigError(f"avl_momentum must be in [0, 1) or null, got {values['momentum']}")
-        return cls(**values)
 
 
 @dataclass
 class AdaptiveVisualLearning:
-    """AVL state for one model: the running means, the current K_v, hooks and per-step records."""
+    """AVL state for one model: the running means, the current K_v (and K_t), hooks and per-step records.
+
+    The gradient hooks are attached by :meth:`gradient_hooks` (the trainer wraps each training
+    epoch in it) or :meth:`attach_hooks`, never at construction.
+    """
 
     model: torch.nn.Module
     settings: AVLConfig = field(default_factory=AVLConfig)
     step: int = 0
 
     def __post_init__(self):
-        encoder = self.model.item_embedding
-        self.k_v = torch.ones((), device=self.model.avl_running_losses.device)
+        device = self.model.avl_running_losses.device
+        self.k_v = torch.ones((), device=device)
+        self.k_t = torch.ones((), device=device)
         self._grad_sq = {}
         self._records: list[dict] = []
         self._pending: Optional[dict] = None
         self._hooks = []
-        for modality, scale in ((self.settings.visual, True), (self.settings.text, False)):
-            for param in encoder.modality_parameters(modality):
-                self._hooks.append(param.register_hook(self._gradient_hook(modality, scale)))
 
-    def _gradient_hook(self, modality: str, scale: bool):
+    def _gradient_hook(self, modality: str, weight: str | None):
         def hook(grad: torch.Tensor) -> torch.Tensor:
-            if scale:
-                grad = grad * self.k_v.to(grad.dtype)
+            if weight is not None:
+                grad = grad * getattr(self, weight).to(grad.dtype)
             norm_sq = grad.detach().float().pow(2).sum()
             self._grad_sq[modality] = self._grad_sq.get(modality, 0.0) + norm_sq
             return grad
 
         return hook
 
+    def attach_hooks(self) -> None:
+        """Scale the visual (``agm``: and text) gradients by the current weights; record each modality's norm."""
+        if self._hooks:
+            return
+        encoder = self.model.item_embedding
+        text_weight = "k_t" if self.settings.variant == "agm" else None  # reveal leaves text gradients bit-identical
+        for modality, weight in ((self.settings.visual, "k_v"), (self.settings.text, text_weight)):
+            for param in encoder.modality_parameters(modality):
+                self._hooks.append(param.register_hook(self._gradient_hook(modality, weight)))
+
     def remove_hooks(self) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
 
+    @contextlib.contextmanager
+    def gradient_hooks(self):
+        """The hooks for the block only: removed when it ends or raises."""
+        self.attach_hooks()
+        try:
+            yield
+        finally:
+            self.remove_hooks()
+
     def update(self, loss_v: torch.Tensor, loss_t: torch.Tensor) -> torch.Tensor:
-        """Fold one step's masked losses into the running means and return the new K_v."""
+        """Fold one step's masked losses into the running means (before use), set K_v and K_t, return K_v."""
         state = self.model.avl_running_losses
         loss_v, loss_t = all_reduce_mean(loss_v.detach().to(state), loss_t.detach().to(state))
         state[0] = update_running_mean(state[0], loss_v, state[2], self.settings.momentum)
         state[1] = update_running_mean(state[1], loss_t, state[2], self.settings.momentum)
         state[2] += 1
         s = self.settings
-        self.k_v = visual_weight(loss_v, loss_t, state[0], state[1], s.alpha, s.k_min, s.k_max).to(state)
+        k_v, k_t = modality_weights(s.variant, loss_v, loss_t, state[0], state[1], s.alpha, s.k_min, s.k_max)
+        self.k_v, self.k_t = k_v.to(state), k_t.to(state)
         return self.k_v
 
     def training_loss(self, interaction) -> torch.Tensor:
@@ -175,7 +270,7 @@ class AdaptiveVisualLearning:
         state = self.model.avl_running_losses
         self._pending = {
             "step": self.step, "loss": loss.detach(), "loss_v": loss_v, "loss_t": loss_t,
-            "mean_v": state[0].clone(), "mean_t": state[1].clone(), "k_v": self.k_v.clone(),
+            "mean_v": state[0].clone(), "mean_t": state[1].clone(), "k_v": self.k_v.clone(), "k_t": self.k_t.clone(),
         }
         self.step += 1
         return loss
@@ -209,8 +304,8 @@ class AdaptiveVisualLearning:
         if not rows:
             return {}
         mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-        return {
-            "k_v": mean("k_v"),
+        summary = {"k_v": mean("k_v")} | ({"k_t": mean("k_t")} if self.settings.variant == "agm" else {})
+        return summary | {
             "mean_v": rows[-1]["mean_v"],
             "mean_t": rows[-1]["mean_t"],
             "grad_norm_image": mean("grad_norm_image"),

@@ -1,4 +1,4 @@
-"""Trainer for REVEAL models: RecBole's Trainer plus AVL, with checkpoints readable on torch >= 2.6."""
+"""Trainer for REVEAL models: RecBole's Trainer with :class:`TrainerExtensions`, plus AVL."""
 from __future__ import annotations
 
 import os
@@ -8,10 +8,10 @@ from recbole.utils import set_color
 
 from reveal_recbole.distributed import is_main_process
 from reveal_recbole.trainer.avl import AdaptiveVisualLearning, AVLConfig
-from reveal_recbole.trainer.base import extend_trainer
+from reveal_recbole.trainer.base import TrainerExtensions
 
 
-class REVEALTrainer(extend_trainer(Trainer)):
+class REVEALTrainer(TrainerExtensions, Trainer):
     """RecBole's Trainer; with ``avl: True`` each step's loss goes through Adaptive Visual Learning.
 
     AVL plugs in as the ``loss_func`` of RecBole's own training loop, so batching, AMP, gradient
@@ -39,7 +39,10 @@ class REVEALTrainer(extend_trainer(Trainer)):
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         if self.avl is None or loss_func is not None:
             return super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
-        loss = super()._train_epoch(train_data, epoch_idx, self.avl.training_loss, show_progress)
+        # AVL's gradient hooks live only inside the epoch, so they are gone when fit returns or raises:
+        # a later trainer on the same model scales with its own K_v, or not at all
+        with self.avl.gradient_hooks():
+            loss = super()._train_epoch(train_data, epoch_idx, self.avl.training_loss, show_progress)
         summary = self.avl.end_epoch(epoch_idx, self.avl_csv_file if is_main_process(self.config) else None)
         if summary:
             self.logger.info(
