@@ -63,9 +63,13 @@ def save_png(fig, output: str | Path) -> Path:
 
 
 def plot_k_v(ax, steps: dict[str, list[float]]) -> None:
-    ax.plot(steps["step"], steps["k_v"], lw=0.8)
+    """K_v per step, and K_t where the run scaled text gradients too (``avl_variant: agm``)."""
+    ax.plot(steps["step"], steps["k_v"], lw=0.8, label="K_v (image)")
+    if any(k != 1.0 for k in steps.get("k_t", ())):
+        ax.plot(steps["step"], steps["k_t"], lw=0.8, label="K_t (text)")
+        ax.legend()
     ax.axhline(1.0, color="grey", ls="--", lw=0.8)
-    ax.set(title="AVL visual weight K_v", xlabel="training step", ylabel="K_v")
+    ax.set(title="AVL gradient weights", xlabel="training step", ylabel="weight")
 
 
 def plot_grad_norms(ax, steps: dict[str, list[float]]) -> None:

@@ -306,6 +306,13 @@ def test_agm_epoch_uses_cumulative_means_and_its_clamp(tiny_config):
     mean_v = sum(float(r["loss_v"]) for r in rows) / len(rows)
     assert float(model.avl_running_losses[0]) == pytest.approx(mean_v, rel=1e-6)
 
+    from reveal_recbole.diagnostics import plot_k_v, pyplot, read_avl_csv
+
+    fig, ax = pyplot().subplots()
+    plot_k_v(ax, read_avl_csv(trainer.avl_csv_file))
+    assert [line.get_label() for line in ax.lines[:2]] == ["K_v (image)", "K_t (text)"]
+    pyplot().close(fig)
+
 
 def test_training_loss_updates_k_v_from_masked_losses(tiny_config):
     _, model, _, train_data, *_ = build(tiny_config | NO_DROPOUT | {"avl": False})

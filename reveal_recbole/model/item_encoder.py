@@ -138,7 +138,7 @@ class REVEALItemEncoder(nn.Module):
             are embedded; ``id``: ``.weight`` is the ID table, so only the input sequence sees the
             features (the authors' choice: their ``predict_full`` reads ``item_embeddings.weight``).
         id_dropout: in training, each item's ID part is zeroed with this probability, so the
-            model must also rank items from their features (keeps the IDs from crowding them out).
+            model must also recognise items by their features (keeps the IDs from crowding them out).
         moe_shared_experts, moe_specific_experts, moe_low_rank: the ``moe`` fusion's sizes.
     """
 
