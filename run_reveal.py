@@ -14,17 +14,21 @@ import sys
 
 import yaml
 
+from reveal_recbole.comparison import compare
 from reveal_recbole.config import Config
 from reveal_recbole.errors import UserInputError
 from reveal_recbole.fve.loop import run_fve
-from reveal_recbole.quick_start import compare, run
+from reveal_recbole.quick_start import run
+from reveal_recbole.recbole_seam import quiet_third_party_warnings
 
 
 def main(argv=None) -> None:
+    quiet_third_party_warnings()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    parser.add_argument("--model", "-m", default="SASRecREVEAL", help="model name, or a comma-separated list to compare")
+    parser.add_argument("--model", "-m", default="SASRecREVEAL",
+                        help="model name, or a comma-separated list to compare")
     parser.add_argument("--dataset", "-d", default="scientific", help="dataset name")
     parser.add_argument("--config_files", default=None, help="space-separated yaml config files")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds: compare runs every model once per seed")

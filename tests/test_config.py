@@ -10,7 +10,7 @@ from reveal_recbole import Config
 from reveal_recbole.resources import bundled_datasets_dir, properties_dir
 
 # RecBole rewrites these into per-split / fully spelled-out dicts after loading
-EXPANDED_BY_RECBOLE = ("eval_args", "train_neg_sample_args")
+EXPANDED_BY_RECBOLE = ("eval_args", "train_neg_sample_args", "show_progress")  # show_progress: ~ = auto
 PROTOCOL_KEYS = ("metrics", "topk", "valid_metric", "seed", "repeatable", "MAX_ITEM_LIST_LENGTH", "load_col")
 
 
@@ -61,7 +61,15 @@ def test_our_yaml_files_load_in_order(reveal_config):
     for key, value in expected.items():
         if key not in EXPANDED_BY_RECBOLE:
             assert reveal_config[key] == value, key
-    assert reveal_config["train_neg_sample_args"]["distribution"] == "none"  # overall.yaml: no negatives (CE)
+    assert reveal_config["train_neg_sample_args"]["distribution"] == "none"  # CE: no negatives
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bars_follow_the_terminal_unless_set(tiny_config, monkeypatch, terminal):
+    monkeypatch.setattr("sys.stderr.isatty", lambda: terminal)
+    auto = {k: v for k, v in tiny_config.items() if k != "show_progress"}
+    assert Config("SASRecREVEAL", "scientific", config_dict=auto)["show_progress"] is terminal
+    assert Config("SASRecREVEAL", "scientific", config_dict={**auto, "show_progress": False})["show_progress"] is False
 
 
 def test_bundled_data_path_by_default(reveal_config):
