@@ -17,16 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from recbole.data import data_preparation
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.sequential_recommender import SASRec
-from recbole.utils import init_seed
 from torch import nn
 
 import reveal_recbole
-from reveal_recbole import Config, create_dataset, get_model, make_reveal_model, registered_models
+from reveal_recbole import Config, get_model, make_reveal_model, registered_models
 from reveal_recbole.errors import BackboneError, UserInputError
 from reveal_recbole.model import REVEALRecommender
+from reveal_recbole.pipeline import build_model, prepare_data
 from reveal_recbole.trainer.avl import AdaptiveVisualLearning
 
 from conftest import DATASET
@@ -103,15 +102,9 @@ def add_item_file(data_path: Path) -> None:
 def build(name: str, loss: str, tiny_config: dict, **overrides):
     """Config, dataset, split and model for ``<name>REVEAL``, as run_reveal builds them."""
     config_dict = {**tiny_config, "loss_type": loss, **OVERRIDES.get(name, {}), **overrides}
-    if loss == BPR:  # until Config sets negative sampling from the loss type (properties/overall.yaml has none)
-        config_dict["train_neg_sample_args"] = {"distribution": "uniform", "sample_num": 1}
-    model_class = reveal_class(name)
-    config = Config(model=model_class.__name__, dataset=DATASET, config_dict=config_dict)
-    init_seed(config["seed"], config["reproducibility"])
-    dataset = create_dataset(config)
-    train_data, _, test_data = data_preparation(config, dataset)
-    init_seed(config["seed"], config["reproducibility"])
-    return model_class(config, train_data._dataset), train_data, test_data
+    config = Config(model=reveal_class(name).__name__, dataset=DATASET, config_dict=config_dict)
+    _, train_data, _, test_data = prepare_data(config)  # sampling for BPR comes from the loss type
+    return build_model(config, train_data), train_data, test_data
 
 
 def test_every_recbole_model_has_an_outcome():
@@ -153,10 +146,10 @@ def test_features_reach_the_sequence_and_the_score_column(tiny_config, name, los
     model.train()
     avl = AdaptiveVisualLearning(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss_value = avl.training_loss(next(iter(train_data)))
-    assert torch.isfinite(loss_value)
-    loss_value.backward()
-    avl.remove_hooks()
+    with avl.gradient_hooks():
+        loss_value = avl.training_loss(next(iter(train_data)))
+        assert torch.isfinite(loss_value)
+        loss_value.backward()
     assert encoder.projections["image"].weight.grad.abs().sum() > 0
     optimizer.step()
 
