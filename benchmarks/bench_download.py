@@ -24,7 +24,6 @@ import io
 import multiprocessing
 import os
 import statistics
-import sys
 import tempfile
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,9 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars between the table's lines
-from dataset_prep.download_images import download  # noqa: E402
+from dataset_prep.download_images import download
 
 
 def draw_jpegs(count: int, size: int, seed: int = 0) -> list[bytes]:
@@ -91,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distinct", type=int, default=32, help="different pictures among them (default 32)")
     parser.add_argument("--size", type=int, default=500, help="picture side in pixels (default 500)")
     parser.add_argument("--latency-ms", type=float, default=50.0, help="server delay per request (default 50)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 16], help="worker counts to compare (default 1 16)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 16],
+                        help="worker counts to compare (default 1 16)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per worker count (default 3)")
     args = parser.parse_args(argv)
 
@@ -130,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
 
     first = args.workers[0]
     reference = args.images / statistics.median(seconds[first])
-    print(f"{'workers':>7}  {'min img/s':>9}  {'median img/s':>12}  {'median s':>8}  {'CPU ms/img':>10}  {'speed-up':>8}")
+    print(f"{'workers':>7}  {'min img/s':>9}  {'median img/s':>12}  {'median s':>8}  "
+          f"{'CPU ms/img':>10}  {'speed-up':>8}")
     for workers in args.workers:
         rates = [args.images / s for s in seconds[workers]]
         median_rate = statistics.median(rates)

@@ -23,7 +23,6 @@ Runtime); ``--images N`` runs that same measurement (its ``bench_throughput``) h
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,16 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reveal_recbole.data.text_features import (  # noqa: E402
+from reveal_recbole.data.text_features import (
     DEFAULT_TEXT_FIELDS,
     TextEncoder,
     extract_text_features,
     item_text,
 )
-from reveal_recbole.fve.cache import FeatureCache  # noqa: E402
-from reveal_recbole.fve.sources import read_item_texts  # noqa: E402
-from reveal_recbole.utils import bundled_datasets_dir  # noqa: E402
+from reveal_recbole.fve.cache import FeatureCache
+from reveal_recbole.fve.sources import read_item_texts
+from reveal_recbole.utils import bundled_datasets_dir
 
 
 def scientific_texts(count: int, fields: tuple[str, ...]) -> list[str]:
@@ -67,7 +65,8 @@ class TimedEncoder:
 
 def bench_text(encoder: TextEncoder, texts: list[str], batch_size: int, repeats: int) -> dict:
     encoder.encode(texts[:2])  # warm-up: one-time set-up is no pass's cost
-    lengths = [len(ids) for ids in encoder.tokenizer(texts, truncation=True, max_length=encoder.max_length)["input_ids"]]
+    token_ids = encoder.tokenizer(texts, truncation=True, max_length=encoder.max_length)["input_ids"]
+    lengths = [len(ids) for ids in token_ids]
     cold, warm, in_encoder = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats):
@@ -120,7 +119,6 @@ def main() -> None:
               f"{100 * result['encoder_s'] / result['cold_s']:.0f} % of the time) |")
         print(f"| text features, warm cache (rerun) | {result['warm_per_s']:.0f} texts/s ({result['warm_s']:.2f} s) |")
     if args.images:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_fve import bench_throughput, draw_images
 
         from reveal_recbole.fve.efficientnet import EfficientNetLiteEncoder
@@ -130,7 +128,8 @@ def main() -> None:
             paths = draw_images(Path(tmp), args.images, 256)
             result = bench_throughput(image_encoder, paths, args.batch_size, args.repeats)
         print(f"| image features, {args.image_runtime} ({args.images} PNGs of 256 px, batch {args.batch_size}) | "
-              f"{result['per_second']:.1f} img/s ({result['seconds']:.2f} s; {result['cpu_ms']:.1f} ms CPU per image) |")
+              f"{result['per_second']:.1f} img/s ({result['seconds']:.2f} s; "
+              f"{result['cpu_ms']:.1f} ms CPU per image) |")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def draw_images(folder: Path, count: int, size: int, seed: int = 0) -> list[Path
     for i in range(count):
         image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(180, 256, 3)))
         box = sorted(rng.integers(size // 8, size - size // 8, 2))
-        ImageDraw.Draw(image).ellipse([box[0], box[0], box[1], box[1]], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        ImageDraw.Draw(image).ellipse([box[0], box[0], box[1], box[1]], fill=fill)
         pixels = np.asarray(image, dtype=np.float64) + rng.normal(0, 6, (size, size, 3))
         path = folder / f"item{i:05d}.png"
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
@@ -58,7 +59,9 @@ def draw_images(folder: Path, count: int, size: int, seed: int = 0) -> list[Path
     return paths
 
 
-def bench_extraction(encoder, paths: list[Path], changed: float, batch_size: int, cache_root: Path, repeats: int) -> dict:
+def bench_extraction(
+    encoder, paths: list[Path], changed: float, batch_size: int, cache_root: Path, repeats: int
+) -> dict:
     """Best (least disturbed) of ``repeats`` round-1/round-2 pairs, each on a fresh cache."""
     encoder.encode([Image.open(paths[0])] * 2, ["", ""])  # warm-up: one-time kernel set-up is no round's cost
     prompts = [f"An item image of a thing. Item name: item {i}." for i in range(len(paths))]
@@ -114,7 +117,8 @@ def naive_feedback(scores: np.ndarray, targets: np.ndarray, k: int, exposure_k: 
 
     return {
         "hit_count": dense(hit), "avg_pos_rank": mean(pos_rank, hit), "pos_top10_rate": mean(pos10, hit),
-        "pos_top20_rate": mean(pos20, hit), "wrong_hit_topK": dense(wrong), "wrong_avg_rank_topK": mean(wrong_rank, wrong),
+        "pos_top20_rate": mean(pos20, hit), "wrong_hit_topK": dense(wrong),
+        "wrong_avg_rank_topK": mean(wrong_rank, wrong),
         "wrong_top10_rate": mean(wrong10, wrong), "exposure_count_topK": dense(exposure),
         "avg_exposure_rank_topK": mean(exposure_rank, exposure),
     }
@@ -168,7 +172,8 @@ def main() -> None:
     parser.add_argument("--runtimes", default="torch,onnx", help="encoder runtimes to measure, comma-separated")
     parser.add_argument("--threads", type=int, default=None, help="torch (and ONNX Runtime) threads; default: torch's")
     parser.add_argument("--workers", type=int, default=None,
-                        help="decode threads in the throughput runs (0: decode inline, the old path); default: extract's")
+                        help="decode threads in the throughput runs (0: decode inline, the old path); "
+                        "default: extract's")
     args = parser.parse_args()
 
     if args.threads:
@@ -177,25 +182,34 @@ def main() -> None:
     encoders = {runtime: EfficientNetLiteEncoder.from_package(runtime=runtime) for runtime in args.runtimes.split(",")}
     with tempfile.TemporaryDirectory() as tmp:
         paths = draw_images(Path(tmp), args.images, args.image_size)
-        extraction = bench_extraction(list(encoders.values())[-1], paths, args.changed, args.batch_size, Path(tmp), args.repeats)
-        throughput = {runtime: bench_throughput(encoder, paths, args.batch_size, args.repeats, args.workers) for runtime, encoder in encoders.items()}
+        extraction = bench_extraction(
+            list(encoders.values())[-1], paths, args.changed, args.batch_size, Path(tmp), args.repeats
+        )
+        throughput = {
+            runtime: bench_throughput(encoder, paths, args.batch_size, args.repeats, args.workers)
+            for runtime, encoder in encoders.items()
+        }
     feedback = bench_feedback(args.users, args.items, args.eval_batch)
 
     def mark(ok: bool) -> str:
         return "yes" if ok else "**no**"
 
     rows = [
-        (f"extraction round 2 / round 1 ({list(encoders)[-1]})", f"{extraction['ratio']:.3f} ({extraction['second']:.2f} s / "
+        (f"extraction round 2 / round 1 ({list(encoders)[-1]})",
+         f"{extraction['ratio']:.3f} ({extraction['second']:.2f} s / "
          f"{extraction['first']:.2f} s; {extraction['misses']} misses, {extraction['hits']} hits)",
          "<= 0.30", mark(extraction["ratio"] <= 0.30)),
         (f"rank feedback, {args.users} users x {args.items} items",
          f"{feedback['vectorised']:.3f} s vectorised vs {feedback['naive']:.2f} s naive loop "
-         f"(naive / vectorised = {feedback['speedup']:.2f}); same result: {feedback['same']}", "same result", mark(feedback["same"])),
+         f"(naive / vectorised = {feedback['speedup']:.2f}); same result: {feedback['same']}",
+         "same result", mark(feedback["same"])),
     ]
     for runtime, result in throughput.items():
         rows.append((
             f"offline image features, {runtime} ({encoders[runtime].name}, {args.images} PNGs of {args.image_size} px, "
-            f"batch {args.batch_size})", f"{result['per_second']:.1f} img/s ({result['seconds']:.2f} s; {result['cpu_ms']:.1f} ms CPU per image)", ">= 150 img/s",
+            f"batch {args.batch_size})",
+            f"{result['per_second']:.1f} img/s ({result['seconds']:.2f} s; {result['cpu_ms']:.1f} ms CPU per image)",
+            ">= 150 img/s",
             mark(result["per_second"] >= 150),
         ))
     print("| measure | value | target | met |\n|---|---|---|---|")

@@ -103,7 +103,8 @@ def main() -> None:
 
     base_train, base_eval = times[variants[0][0]]
     print(f"suite={args.suite} dataset={args.dataset} repeats={args.repeats} torch_threads={torch.get_num_threads()}")
-    print("| variant | train s/epoch min | median | ratio min | ratio median | eval s min | median | ratio min | ratio median |")
+    print("| variant | train s/epoch min | median | ratio min | ratio median "
+          "| eval s min | median | ratio min | ratio median |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label, (train, evals) in times.items():
         cells = [
@@ -112,7 +113,8 @@ def main() -> None:
             min(evals), statistics.median(evals), min(evals) / min(base_eval),
             statistics.median(evals) / statistics.median(base_eval),
         ]
-        print(f"| {label} | " + " | ".join(f"{c:.2f}" if i % 4 < 2 else f"{c:.3f}x" for i, c in enumerate(cells)) + " |")
+        formatted = (f"{c:.2f}" if i % 4 < 2 else f"{c:.3f}x" for i, c in enumerate(cells))
+        print(f"| {label} | " + " | ".join(formatted) + " |")
 
 
 if __name__ == "__main__":

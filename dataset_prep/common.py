@@ -17,17 +17,12 @@ from __future__ import annotations
 
 import gzip
 import io
-import sys
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as ``python dataset_prep/x.py`` from a checkout
-    sys.path.insert(0, str(REPO_ROOT))
+from tqdm import tqdm
 
-from tqdm import tqdm  # noqa: E402
-
-from reveal_recbole.utils import atomic_write_text  # noqa: E402
+from reveal_recbole.utils import atomic_write_text
 
 INTER_HEADER = ("user_id:token", "item_id:token", "timestamp:float")
 ITEM_COLUMNS = ("title", "categories", "brand", "description")

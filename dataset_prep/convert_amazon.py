@@ -72,14 +72,13 @@ import sys
 import time
 from array import array
 from collections import Counter
-from typing import Iterable, Iterator
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataset_prep.common import clean_field, open_text, progress, summary, write_inter, write_item_table  # noqa: E402
-from reveal_recbole.utils import atomic_write_text  # noqa: E402
+from dataset_prep.common import clean_field, open_text, progress, summary, write_inter, write_item_table
+from reveal_recbole.utils import atomic_write_text
 
 ASIN_PATTERN = re.compile(r"""['"]asin['"]\s*:\s*['"]([^'"]+)['"]""")
 TAG_PATTERN = re.compile(r"<[^>]*>")
@@ -235,7 +234,9 @@ def review_time(record: dict) -> float | None:
     return None
 
 
-def first_of_duplicates(user: np.ndarray, item: np.ndarray, times: np.ndarray, line: np.ndarray, n_items: int) -> np.ndarray:
+def first_of_duplicates(
+    user: np.ndarray, item: np.ndarray, times: np.ndarray, line: np.ndarray, n_items: int
+) -> np.ndarray:
     """Mask keeping, of each repeated (user, item) pair, the earliest row (time, then file order)."""
     key = user * n_items + item
     order = np.lexsort((line, times, key))

@@ -18,11 +18,9 @@ Usage::
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataset_prep import convert_unisrec  # noqa: E402
+from dataset_prep import convert_unisrec
 
 
 def convert(src: Path, out: Path, name: str, prefix: str = "Scientific") -> dict:

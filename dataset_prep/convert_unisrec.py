@@ -50,9 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataset_prep.common import summary, write_inter, write_item_table  # noqa: E402
-from reveal_recbole.data.features import write_item_features  # noqa: E402
+from dataset_prep.common import summary, write_inter, write_item_table
+from reveal_recbole.data.features import write_item_features
 
 MISSREC_FEATURES = {"feat1CLS": "text", "feat3CLS": "image"}
 
@@ -115,9 +114,11 @@ def read_sequences(src: Path, prefix: str) -> dict[str, list[str]]:
         if rows:
             # rows run from the last train target back to the second item; the last row's history is item 1
             train_seq = list(rows[-1][0]) + [target for _, target in reversed(rows)]
-            for position, (history, target) in enumerate(reversed(rows), 1):
+            for position, (history, _) in enumerate(reversed(rows), 1):
                 if history != train_seq[:position][-len(history):] or not history:
-                    raise BenchmarkFormatError(f"{prefix}.train.inter: user {user}'s rows are not prefixes of one sequence")
+                    raise BenchmarkFormatError(
+                        f"{prefix}.train.inter: user {user}'s rows are not prefixes of one sequence"
+                    )
         else:
             train_seq = list(valid[user][0])
         valid_history, valid_target = valid[user]
@@ -126,7 +127,9 @@ def read_sequences(src: Path, prefix: str) -> dict[str, list[str]]:
             raise BenchmarkFormatError(f"{prefix}.valid.inter: user {user}'s history is not its train sequence")
         full = train_seq + [valid_target]
         if not test_history or test_history != full[-len(test_history):]:
-            raise BenchmarkFormatError(f"{prefix}.test.inter: user {user}'s history is not its valid history plus target")
+            raise BenchmarkFormatError(
+                f"{prefix}.test.inter: user {user}'s history is not its valid history plus target"
+            )
         sequences[user] = full + [test_target]
     return sequences
 
@@ -322,12 +325,15 @@ def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentPar
     parser.add_argument("--out", type=Path, default=defaults.get("out"), help="output folder (default: dataset/<name>)")
     parser.add_argument("--name", required="name" not in defaults, default=defaults.get("name"),
                         help="dataset name: the output files are <name>.inter etc.")
-    parser.add_argument("--prefix", default=defaults.get("prefix"), help="input file prefix (default: from *.test.inter)")
+    parser.add_argument("--prefix", default=defaults.get("prefix"),
+                        help="input file prefix (default: from *.test.inter)")
     parser.add_argument("--feature", action="append", metavar="SUFFIX=MODALITY",
                         help="feature file suffix and its modality, repeatable (default: feat1CLS=text feat3CLS=image)")
     parser.add_argument("--descriptions", type=Path, default=None,
-                        help="LC-Rec style <prefix>.item.json (default: text_collisiongenrec/<prefix>.item.json if present)")
-    parser.add_argument("--category-root", default=None, help="root category that starts every category path (default: detected)")
+                        help="LC-Rec style <prefix>.item.json "
+                        "(default: text_collisiongenrec/<prefix>.item.json if present)")
+    parser.add_argument("--category-root", default=None,
+                        help="root category that starts every category path (default: detected)")
     return parser
 
 

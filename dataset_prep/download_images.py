@@ -49,10 +49,9 @@ from urllib.parse import urljoin, urlsplit
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataset_prep.common import progress  # noqa: E402
-from reveal_recbole.image_io import ImageRejected, decode_image  # noqa: E402
-from reveal_recbole.utils import atomic_write_bytes, atomic_write_text  # noqa: E402
+from dataset_prep.common import progress
+from reveal_recbole.image_io import ImageRejected, decode_image
+from reveal_recbole.utils import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -315,11 +314,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=8, help="parallel downloads (default 8)")
     parser.add_argument("--retries", type=int, default=2,
                         help="retries per URL after a transient error: timeout, network, HTTP 5xx/429 (default 2)")
-    parser.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry, doubling (default 1)")
-    parser.add_argument("--timeout", type=float, default=20.0, help="seconds a request may go without data (default 20)")
-    parser.add_argument("--deadline", type=float, default=60.0, help="seconds one download may take in all (default 60)")
-    parser.add_argument("--max-bytes", type=int, default=MAX_BYTES, help=f"largest image accepted (default {MAX_BYTES:,})")
-    parser.add_argument("--all-urls", action="store_true", help="fall back to an item's other URLs when the main one fails")
+    parser.add_argument("--backoff", type=float, default=1.0,
+                        help="seconds before the first retry, doubling (default 1)")
+    parser.add_argument("--timeout", type=float, default=20.0,
+                        help="seconds a request may go without data (default 20)")
+    parser.add_argument("--deadline", type=float, default=60.0,
+                        help="seconds one download may take in all (default 60)")
+    parser.add_argument("--max-bytes", type=int, default=MAX_BYTES,
+                        help=f"largest image accepted (default {MAX_BYTES:,})")
+    parser.add_argument("--all-urls", action="store_true",
+                        help="fall back to an item's other URLs when the main one fails")
     parser.add_argument("--limit", type=int, default=None, help="only the first N items (a trial run)")
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:

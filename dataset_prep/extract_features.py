@@ -44,9 +44,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reveal_recbole.data.features import write_item_features  # noqa: E402
-from reveal_recbole.data.text_features import (  # noqa: E402
+from reveal_recbole.data.features import write_item_features
+from reveal_recbole.data.text_features import (
     DEFAULT_TEXT_FIELDS,
     TEXT_FIELDS,
     TextEncoder,
@@ -54,10 +53,10 @@ from reveal_recbole.data.text_features import (  # noqa: E402
     extract_text_features,
     item_text,
 )
-from reveal_recbole.errors import UserInputError  # noqa: E402
-from reveal_recbole.fve.cache import FeatureCache  # noqa: E402
-from reveal_recbole.fve.extract import ImageEncoder, ItemImage, extract_item_features  # noqa: E402
-from reveal_recbole.fve.loop import (  # noqa: E402
+from reveal_recbole.errors import UserInputError
+from reveal_recbole.fve.cache import FeatureCache
+from reveal_recbole.fve.extract import ImageEncoder, ItemImage, extract_item_features
+from reveal_recbole.fve.loop import (
     DEFAULT_CLIP,
     DEFAULT_VLM,
     ENCODERS,
@@ -65,8 +64,8 @@ from reveal_recbole.fve.loop import (  # noqa: E402
     initial_prompts,
     load_image_encoder,
 )
-from reveal_recbole.fve.prompt import DEFAULT_TEMPLATE, check_template  # noqa: E402
-from reveal_recbole.fve.sources import ItemImageSource, read_item_texts  # noqa: E402
+from reveal_recbole.fve.prompt import DEFAULT_TEMPLATE, check_template
+from reveal_recbole.fve.sources import ItemImageSource, read_item_texts
 
 logger = logging.getLogger("extract_features")
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import colorsys
 import io
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,10 +47,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataset_prep.common import progress, summary, write_inter, write_item_table  # noqa: E402
-from reveal_recbole.data.features import write_item_features  # noqa: E402
-from reveal_recbole.utils import atomic_write_bytes, atomic_write_text  # noqa: E402
+from dataset_prep.common import progress, summary, write_inter, write_item_table
+from reveal_recbole.data.features import write_item_features
+from reveal_recbole.utils import atomic_write_bytes, atomic_write_text
 
 SHAPES = ("circle", "square", "triangle", "cross", "star")
 TEXTURES = ("plain", "stripes", "dots", "checks")
@@ -102,7 +100,9 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> l
         points = [(np.cos(a), np.sin(a)) for a in -np.pi / 2 + np.arange(3) * 2 * np.pi / 3]
     elif shape == "cross":
         w = 0.33
-        points = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)]
+        points = [
+            (-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)
+        ]
     elif shape == "star":
         points = [
             ((1.0 if k % 2 == 0 else 0.45) * np.cos(a), (1.0 if k % 2 == 0 else 0.45) * np.sin(a))
@@ -271,7 +271,9 @@ def generate(params: Params, out: Path, name: str) -> dict:
     for i in progress(used, "draw items", unit="images"):
         image_rng = np.random.default_rng([params.seed, 1, i])
         colour = hue_colour(hue[i], image_rng)
-        image = draw_item(colour, shapes[shape[i]], textures[texture[i]], params.image_size, image_rng, params.pixel_noise)
+        image = draw_item(
+            colour, shapes[shape[i]], textures[texture[i]], params.image_size, image_rng, params.pixel_noise
+        )
         path = out / "images" / f"{tokens[i]}.png"
         atomic_write_bytes(path, png_bytes(image))
         with Image.open(path) as stored:  # the descriptor sees only what is on disk
@@ -300,7 +302,8 @@ def generate(params: Params, out: Path, name: str) -> dict:
         "\n".join(["item_id\timage_urls", *(f"{t}\timages/{t}.png" for t in used_tokens)]) + "\n",
     )
     truth = [
-        f"{tokens[i]}\t{hue[i]:.1f}\t{shapes[shape[i]]}\t{textures[texture[i]]}\t{categories[category[i]]}" for i in used
+        f"{tokens[i]}\t{hue[i]:.1f}\t{shapes[shape[i]]}\t{textures[texture[i]]}\t{categories[category[i]]}"
+        for i in used
     ]
     atomic_write_text(out / f"{name}.truth.tsv", "\n".join(["item_id\thue\tshape\ttexture\tcategory", *truth]) + "\n")
     atomic_write_text(out / f"{name}.user_tastes.tsv", "\n".join(["user_id\thue\tshape", *user_tastes]) + "\n")
@@ -326,7 +329,8 @@ def main(argv: list[str] | None = None) -> dict:
         "text_dim": "dimension of the category text feature", "seed": "random seed (same seed, same bytes)",
     }
     for key, value in asdict(defaults).items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value, help=f"{helps[key]} (default {value})")
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value,
+                            help=f"{helps[key]} (default {value})")
     args = vars(parser.parse_args(argv))
     out, name = args.pop("out"), args.pop("name")
     try:

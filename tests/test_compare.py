@@ -121,7 +121,8 @@ def test_summary_over_seeds_marks_best_and_gain_over_backbone():
 
 @pytest.mark.parametrize(
     "spec, expected",
-    [("SASRec", ("SASRec", {})), ("SASRecREVEAL[avl=False, fusion=gated]", ("SASRecREVEAL", {"avl": False, "fusion": "gated"})),
+    [("SASRec", ("SASRec", {})),
+     ("SASRecREVEAL[avl=False, fusion=gated]", ("SASRecREVEAL", {"avl": False, "fusion": "gated"})),
      ("NARMREVEAL[avl_alpha=0.5]", ("NARMREVEAL", {"avl_alpha": 0.5}))],
 )
 def test_parse_model_spec(spec, expected):

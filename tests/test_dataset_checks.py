@@ -153,7 +153,9 @@ def test_malformed_interaction_file_names_file_line_and_column(tiny_config, tiny
 
 
 def test_users_with_one_interaction_are_reported(tiny_config, tiny_data, caplog):
-    edit_interactions(tiny_data, lambda h, r: (h, r + [f"lonely\t{r[0].split(chr(9))[1]}\t7", f"alone\t{r[1].split(chr(9))[1]}\t8"]))
+    edit_interactions(
+        tiny_data, lambda h, r: (h, r + [f"lonely\t{r[0].split(chr(9))[1]}\t7", f"alone\t{r[1].split(chr(9))[1]}\t8"])
+    )
     dataset = create_dataset(Config(model="SASRec", dataset="scientific", config_dict=tiny_config))
     assert dataset.user_num - 1 == 152  # the two are kept, as RecBole does ...
     assert any("2 user(s) have a single interaction" in r.getMessage() for r in caplog.records)  # ... and reported

@@ -5,17 +5,15 @@ import gzip
 import json
 import os
 import random
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from dataset_prep import convert_amazon
+from dataset_prep.common import read_inter
 
-from dataset_prep import convert_amazon  # noqa: E402
-from dataset_prep.common import read_inter  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 S3REC_SPORTS = ROOT / "tests" / "data" / "s3rec" / "sports"
 SHARED = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -60,8 +58,8 @@ def core_block():
 def make_2014(tmp_path: Path) -> tuple[Path, Path]:
     users, items, rows = core_block()
     lines = []
-    for n, (user, item) in enumerate(rows):
-        u, i = int(user[-1]), int(item[-1])
+    for user, item in rows:
+        i = int(item[-1])
         # per user: items 0..6 on days u-th pattern; items 1 and 2 share a day (tie)
         day = {0: 0, 1: 1, 2: 1, 3: 2, 4: 3, 5: 4, 6: 5}[i]
         text = "Great product. It is waterproof and the waterproof zipper works." if i == 3 else "Great product, works."
@@ -184,11 +182,11 @@ def test_2018_json_metadata_duplicates_and_require_image(tmp_path):
     assert (result["users"], result["items"], result["interactions"]) == (6, 7, 36)
     inter = read_inter(tmp_path / "a" / "sci.inter")
     assert inter["AUSER1"][0] == ("B00ITEM000", float(T0 + 6))
-    rows_ = {l.split("\t")[0]: l.split("\t") for l in (tmp_path / "a" / "sci.item").read_text().splitlines()[1:]}
+    rows_ = {r.split("\t")[0]: r.split("\t") for r in (tmp_path / "a" / "sci.item").read_text().splitlines()[1:]}
     assert rows_["B00ITEM000"][1:5] == [
         "Pipette 0", "Industrial & Scientific > Lab > Pipettes", "Eppendorf", "Precise pipette. Autoclavable.",
     ]
-    urls = dict(l.split("\t") for l in (tmp_path / "a" / "sci.images.tsv").read_text().splitlines()[1:])
+    urls = dict(r.split("\t") for r in (tmp_path / "a" / "sci.images.tsv").read_text().splitlines()[1:])
     assert urls["B00ITEM002"].split() == [
         "https://images-na.ssl-images-amazon.com/images/I/2.jpg", "https://images-na.ssl-images-amazon.com/images/I/2b.jpg",
     ]
@@ -211,7 +209,8 @@ def test_unparseable_review_lines_are_skipped(tmp_path):
 
 
 def test_parse_record_never_evaluates():
-    assert convert_amazon.parse_record("{'asin': 'A', 'x': [1, (2, 3)], 'y': None}") == {"asin": "A", "x": [1, (2, 3)], "y": None}
+    record = convert_amazon.parse_record("{'asin': 'A', 'x': [1, (2, 3)], 'y': None}")
+    assert record == {"asin": "A", "x": [1, (2, 3)], "y": None}
     assert convert_amazon.parse_record("{'asin': open('/etc/passwd').read()}") is None
     assert convert_amazon.parse_record("[1, 2]") is None
 
@@ -289,7 +288,7 @@ def test_k_core_on_a_real_s3rec_extract_matches_an_independent_filter(tmp_path):
     maps = json.loads((S3REC_SPORTS / "datamaps.json").read_text())
     sequences = {
         maps["id2user"][p[0]]: [maps["id2item"][i] for i in p[1:]]
-        for p in (l.split() for l in (S3REC_SPORTS / "Sports_and_Outdoors.txt").read_text().splitlines())
+        for p in (line.split() for line in (S3REC_SPORTS / "Sports_and_Outdoors.txt").read_text().splitlines())
     }
     k = 2
     rows = reviews_from_sequences(sequences, k)
@@ -309,7 +308,7 @@ def test_5_core_of_the_full_sports_reviews_reproduces_the_s3rec_file(tmp_path):
     maps = json.loads((src / "datamaps.json").read_text())
     sequences = {
         maps["id2user"][p[0]]: [maps["id2item"][i] for i in p[1:]]
-        for p in (l.split() for l in (src / "Sports_and_Outdoors.txt").read_text().splitlines()) if p
+        for p in (line.split() for line in (src / "Sports_and_Outdoors.txt").read_text().splitlines()) if p
     }
     rows = reviews_from_sequences(sequences, 5, full=False)
     path = write_lines(tmp_path / "reviews_Sports_and_Outdoors_5.json", [json.dumps(r) for r in rows])

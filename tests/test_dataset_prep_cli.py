@@ -7,12 +7,16 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dataset_prep import (  # noqa: E402
-    convert_amazon, convert_decorec, convert_s3rec, convert_unisrec, download_images, make_synthetic,
+from dataset_prep import (
+    convert_amazon,
+    convert_decorec,
+    convert_s3rec,
+    convert_unisrec,
+    download_images,
+    make_synthetic,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TOOLS = {
     "convert_s3rec": (convert_s3rec, "S3-Rec"),
@@ -47,7 +51,9 @@ def test_missing_input_is_a_one_line_error(tmp_path):
         convert_s3rec.main(["--src", str(tmp_path), "--name", "x", "--out", str(tmp_path / "o")])
     assert str(exit_info.value.code).startswith("error:") and "\n" not in str(exit_info.value.code)
     with pytest.raises(SystemExit) as exit_info:
-        convert_amazon.main(["--reviews", str(tmp_path / "missing.json.gz"), "--name", "x", "--out", str(tmp_path / "o")])
+        convert_amazon.main(
+            ["--reviews", str(tmp_path / "missing.json.gz"), "--name", "x", "--out", str(tmp_path / "o")]
+        )
     assert str(exit_info.value.code).startswith("error:")
     with pytest.raises(SystemExit) as exit_info:
         convert_unisrec.main(["--src", str(tmp_path), "--name", "x", "--out", str(tmp_path / "o")])

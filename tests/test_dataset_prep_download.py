@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from dataset_prep import download_images
 
-from dataset_prep import download_images  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MAX_BYTES = 50_000
 TIMEOUT = 0.5
@@ -84,7 +83,9 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-def body(data: bytes, content_type: str | None = "image/jpeg", status: int = 200, length: bool = True, delay: float = 0.0):
+def body(
+    data: bytes, content_type: str | None = "image/jpeg", status: int = 200, length: bool = True, delay: float = 0.0
+):
     def route(handler, n):
         time.sleep(delay)
         handler.send_response(status)
@@ -289,7 +290,9 @@ def test_kill_and_resume_matches_an_uninterrupted_run(server, tmp_path):
     for i in range(count):
         fmt, ext = ("GIF", "gif") if i == 5 else ("JPEG", "jpg")
         served[f"/img/{i:02d}.{ext}"] = encoded(picture(100 + i, (48, 40)), fmt)
-    server.routes.update({path: body(data, f"image/{path.rsplit('.', 1)[1]}", delay=0.2) for path, data in served.items()})
+    server.routes.update(
+        {path: body(data, f"image/{path.rsplit('.', 1)[1]}", delay=0.2) for path, data in served.items()}
+    )
     data = tmp_path / "ds"
     write_list(data, [(f"item{i:02d}", [server.url(path)]) for i, path in enumerate(served)])
     images = data / "images"

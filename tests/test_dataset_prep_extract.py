@@ -18,20 +18,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dataset_prep import extract_features  # noqa: E402
-from reveal_recbole.data.features import read_feature_file  # noqa: E402
-from reveal_recbole.data.text_features import (  # noqa: E402
+from dataset_prep import extract_features
+from reveal_recbole.data.features import read_feature_file
+from reveal_recbole.data.text_features import (
     TextEncoder,
     TextModelError,
     default_text_model,
     item_text,
 )
-from reveal_recbole.fve.extract import ImageEncoder, missing_image_vector  # noqa: E402
-from reveal_recbole.fve.loop import initial_prompts  # noqa: E402
-from reveal_recbole.fve.sources import read_item_texts  # noqa: E402
+from reveal_recbole.fve.extract import ImageEncoder, missing_image_vector
+from reveal_recbole.fve.loop import initial_prompts
+from reveal_recbole.fve.sources import read_item_texts
+
+ROOT = Path(__file__).resolve().parents[1]
 
 NAME = "toy"
 ITEMS = [  # token, title, categories, brand, description

@@ -8,25 +8,23 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from dataset_prep import convert_amazon, download_images, extract_features
+from dataset_prep.common import read_inter
+from reveal_recbole import quick_start
+from reveal_recbole.data.features import feature_paths, read_feature_file
+from reveal_recbole.fve.extract import missing_image_vector
+
+from conftest import assert_report_metrics, make_tiny_config
+from test_dataset_prep_amazon import DAY, T0, review, write_lines
+from test_dataset_prep_download import body, encoded, picture, server  # noqa: F401  (server: a fixture)
+from test_dataset_prep_extract import WORDS, tiny_bert  # noqa: F401  (tiny_bert: a fixture)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dataset_prep import convert_amazon, download_images, extract_features  # noqa: E402
-from dataset_prep.common import read_inter  # noqa: E402
-from reveal_recbole import quick_start  # noqa: E402
-from reveal_recbole.data.features import feature_paths, read_feature_file  # noqa: E402
-from reveal_recbole.fve.extract import missing_image_vector  # noqa: E402
-
-from conftest import assert_report_metrics, make_tiny_config  # noqa: E402
-from test_dataset_prep_amazon import DAY, T0, review, write_lines  # noqa: E402
-from test_dataset_prep_download import body, encoded, picture, server  # noqa: E402,F401  (server: a fixture)
-from test_dataset_prep_extract import WORDS, tiny_bert  # noqa: E402,F401  (tiny_bert: a fixture)
 
 NAME = "sports"
 USERS = [f"AUSER{u:02d}" for u in range(40)]

@@ -1,19 +1,17 @@
 """dataset_prep/make_synthetic.py: deterministic, real PNG images, features from pixels, a real visual signal."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from dataset_prep import make_synthetic
+from dataset_prep.common import read_inter
+from reveal_recbole.data.features import feature_paths, read_feature_file
 
-from dataset_prep import make_synthetic  # noqa: E402
-from dataset_prep.common import read_inter  # noqa: E402
-from reveal_recbole.data.features import feature_paths, read_feature_file  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SMALL = ["--users", "60", "--items", "48", "--image-size", "32", "--max-len", "8"]
 
@@ -45,9 +43,9 @@ def test_outputs_are_consistent_and_features_come_from_the_pngs(tmp_path):
     items = sorted({i for events in inter.values() for i, _ in events})
     assert len(items) == result["items"]
 
-    item_rows = [l.split("\t") for l in (out / "syn.item").read_text().splitlines()]
+    item_rows = [line.split("\t") for line in (out / "syn.item").read_text().splitlines()]
     assert item_rows[0][0] == "item_id:token" and sorted(r[0] for r in item_rows[1:]) == items
-    truth = {l.split("\t")[0]: l.split("\t")[1:] for l in (out / "syn.truth.tsv").read_text().splitlines()[1:]}
+    truth = {r.split("\t")[0]: r.split("\t")[1:] for r in (out / "syn.truth.tsv").read_text().splitlines()[1:]}
     for row in item_rows[1:]:
         assert row[1] == truth[row[0]][3] and row[2] == f"synthetic > {row[1]}"  # text: category only
 

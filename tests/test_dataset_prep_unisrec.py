@@ -3,18 +3,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from dataset_prep import convert_decorec, convert_unisrec
+from dataset_prep.common import read_inter
+from reveal_recbole.data.features import feature_paths, read_feature_file
 
-from dataset_prep import convert_decorec, convert_unisrec  # noqa: E402
-from dataset_prep.common import read_inter  # noqa: E402
-from reveal_recbole.data.features import feature_paths, read_feature_file  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DATA = ROOT / "tests" / "data" / "unisrec"
 SHARED = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -41,7 +39,7 @@ def test_extract_converts_sequences_text_and_features(tmp_path):
     assert {u: [i for i, _ in events] for u, events in inter.items()} == expected
     assert all([t for _, t in events] == list(range(len(events))) for events in inter.values())
 
-    rows = {l.split("\t")[0]: l.split("\t") for l in (tmp_path / "sci.item").read_text().splitlines()[1:]}
+    rows = {r.split("\t")[0]: r.split("\t") for r in (tmp_path / "sci.item").read_text().splitlines()[1:]}
     assert len(rows) == 145
     assert rows["B000052030"][1:4] == [
         "M-D Building Products 2311 High Density Foam Tape, 1/2-by-3/4-Inch by 10 feet, Gray",

@@ -1,4 +1,5 @@
 """One tiny epoch of every REVEAL model on a real Scientific subset, through run_reveal and by hand."""
+import pickle
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,7 @@ def test_best_model_reload_works_under_weights_only_default(tiny_config, monkeyp
     checkpoint = Path(trainer.saved_model_file)
     assert checkpoint.is_file() and checkpoint.parent == Path(tiny_config["checkpoint_dir"])
     if TORCH_WEIGHTS_ONLY_DEFAULT:  # the plain default refuses RecBole's checkpoints: the workaround is needed
-        with pytest.raises(Exception):
+        with pytest.raises(pickle.UnpicklingError):
             torch.load(checkpoint)
     reloaded = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
     assert_report_metrics(reloaded)

@@ -137,7 +137,9 @@ def test_bad_feature_files_name_the_file(tmp_path, case, strict):
     assert expected in message
 
 
-@pytest.mark.parametrize("content", [b"this is not a numpy file", b"", b"\x93NUMPY\x01\x00"], ids=["text", "zero bytes", "cut header"])
+@pytest.mark.parametrize(
+    "content", [b"this is not a numpy file", b"", b"\x93NUMPY\x01\x00"], ids=["text", "zero bytes", "cut header"]
+)
 def test_corrupt_npy_names_the_file(tmp_path, content):
     npy_path, items_path = write_pair(tmp_path, TOKENS[:3], _good())
     npy_path.write_bytes(content)

@@ -78,7 +78,10 @@ def fve_config(tiny_config, tmp_path) -> dict:
         Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(images / f"{token}.png")
     categories = ["glue", "tape", "gloves", "scale"]
     rows = ["item_id:token\ttitle:token_seq\tcategories:token_seq\tbrand:token\tdescription:token_seq"]
-    rows += [f"{t}\tItem {i}\tScience > {categories[i % 4]}\tAcme\tA sturdy {categories[i % 4]}" for i, t in enumerate(tokens[::2])]
+    rows += [
+        f"{t}\tItem {i}\tScience > {categories[i % 4]}\tAcme\tA sturdy {categories[i % 4]}"
+        for i, t in enumerate(tokens[::2])
+    ]
     (folder / f"{DATASET}.item").write_text("\n".join(rows) + "\n", encoding="utf-8")
     reviews = ["item_id\treview"] + [f"{t}\tbright red nozzle, thick rubber grip" for t in tokens[:20]]
     (folder / f"{DATASET}.reviews").write_text("\n".join(reviews) + "\n", encoding="utf-8")
@@ -133,7 +136,9 @@ def test_two_rounds_keep_discard_history_cache_and_reuse(fve_config, tmp_path, f
     result = run_fve("SASRecREVEAL", DATASET, rounds=2, config_dict=fve_config, encoder=encoder,
                      critic=OfflineCritic(), output_dir=output)
     rounds = result["rounds"]
-    assert [(r["round"], r["trained"], r["kept"]) for r in rounds] == [(0, True, True), (1, True, True), (2, True, False)]
+    assert [(r["round"], r["trained"], r["kept"]) for r in rounds] == [
+        (0, True, True), (1, True, True), (2, True, False)
+    ]
     assert result["kept_round"] == 1 and result["best_valid_score"] == rounds[1]["valid_score"]
     assert set(result["test_result"]) >= {"recall@10", "ndcg@10"}
 
@@ -147,7 +152,8 @@ def test_two_rounds_keep_discard_history_cache_and_reuse(fve_config, tmp_path, f
     tokens = item_tokens(Path(fve_config["data_path"]))
     rows = history(output)
     initial = [r for r in rows if r["round"] == 0]
-    assert sorted(r["item"] for r in initial) == sorted(tokens) and all(r["feedback_type"] == "initial" for r in initial)
+    assert sorted(r["item"] for r in initial) == sorted(tokens)
+    assert all(r["feedback_type"] == "initial" for r in initial)
     for index in (1, 2):
         proposed = [r for r in rows if r["round"] == index]
         assert len(proposed) == rounds[index]["hard_items"] > 0
@@ -267,7 +273,9 @@ def test_item_texts_and_initial_prompts(tmp_path):
     prompts, keywords = initial_prompts(["i1", "i2", "i3", "i4"], texts)
     assert keywords["i1"] == ["nozzle", "cap"]  # the precomputed column wins
     assert "shiny" in keywords["i2"] and "boxes" not in keywords["i2"]  # reviews before the description
-    assert prompts["i1"].startswith("An item image of a Adhesives. Item name: Red Glue. Users often mention: nozzle, cap.")
+    assert prompts["i1"].startswith(
+        "An item image of a Adhesives. Item name: Red Glue. Users often mention: nozzle, cap."
+    )
     assert "Item name: unknown" in prompts["i4"]
 
 
@@ -328,7 +336,9 @@ def test_sigkilled_loop_resumes_to_the_uninterrupted_result(fve_config, tmp_path
                         critic=OfflineCritic(), output_dir=tmp_path / "reference")
     output = tmp_path / "killed"
     tests = Path(__file__).parent
-    script = KILLABLE_RUN.format(tests=str(tests), root=str(tests.parent), config=json.dumps(fve_config), output=str(output))
+    script = KILLABLE_RUN.format(
+        tests=str(tests), root=str(tests.parent), config=json.dumps(fve_config), output=str(output)
+    )
     process = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=os.environ | {"OMP_NUM_THREADS": "1"},
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state_file, deadline = output / loop.STATE_FILE, time.monotonic() + 180

@@ -72,7 +72,8 @@ def test_cli_draws_curves_utilisation_and_avl(runs_dir, tmp_path, capsys):
 
 
 def test_run_labels_and_empty_runs(tmp_path):
-    assert plots.run_label(Path("SASRecREVEAL-ml-100k-Nov-25-2026_20-38-00-9fcc0d")) == "SASRecREVEAL (ml-100k, 20:38:00)"
+    label = plots.run_label(Path("SASRecREVEAL-ml-100k-Nov-25-2026_20-38-00-9fcc0d"))
+    assert label == "SASRecREVEAL (ml-100k, 20:38:00)"
     assert plots.run_label(Path("GRU4Rec-scientific-Nov-25-2026_20-38-00-2")) == "GRU4Rec (scientific, 20:38:00)"
     assert plots.run_label(Path("custom")) == "custom"
     from torch.utils.tensorboard import SummaryWriter
