@@ -28,9 +28,11 @@ interactions; Beauty 22,363 / 12,101 / 198,502; Toys 19,412 / 11,924 / 167,597.
 
 Usage::
 
-    python dataset_prep/convert_s3rec.py --src ../shared/data/amazon_sports_5core_2014 --out dataset/sports --name sports
-    python dataset_prep/convert_s3rec.py --src ../shared/data/amazon_beauty_5core_2014 --out dataset/beauty --name beauty
-    python dataset_prep/convert_s3rec.py --src ../shared/data/amazon_toys_5core_2014 --out dataset/toys --name toys
+    python dataset_prep/convert_s3rec.py --src ../shared/data/amazon_sports_5core_2014 --name sports
+    python dataset_prep/convert_s3rec.py --src ../shared/data/amazon_beauty_5core_2014 --name beauty
+    python dataset_prep/convert_s3rec.py --src ../shared/data/amazon_toys_5core_2014 --name toys
+
+(``--out`` defaults to ``dataset/<name>``.)
 """
 from __future__ import annotations
 
@@ -42,8 +44,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataset_prep.common import progress, summary, write_inter  # noqa: E402
+from dataset_prep.common import progress, summary, write_inter
 
 Sequences = dict[str, list[str]]
 
@@ -99,6 +100,9 @@ def find_s3rec_file(src: Path) -> Path:
     candidates = sorted(
         p for p in src.glob("*.txt") if p.name != "user_sequence.txt" and not p.name.startswith("sequential")
     )
+    if len(candidates) > 1:  # e.g. item_keywords_idgenrec.txt too: S3-Rec ships <Category>_item2attributes.json
+        with_attributes = [p for p in candidates if (src / f"{p.stem}_item2attributes.json").is_file()]
+        candidates = with_attributes or candidates
     if len(candidates) != 1:
         raise S3RecFormatError(
             f"{src}: expected exactly one S3-Rec <Category>.txt, found {[p.name for p in candidates]}; "
@@ -285,7 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--src", type=Path, required=True, help="folder holding <Category>.txt (and datamaps*.json)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: dataset/<name>)")
     parser.add_argument("--name", required=True, help="dataset name: the output files are <name>.inter etc.")
-    parser.add_argument("--sequences", type=Path, default=None, help="the S3-Rec sequence file (default: found in --src)")
+    parser.add_argument("--sequences", type=Path, default=None,
+                        help="the S3-Rec sequence file (default: found in --src)")
     parser.add_argument("--datamaps", type=Path, default=None, help="the datamaps json (default: found in --src)")
     parser.add_argument(
         "--ids", choices=("auto", "asin", "numeric"), default="auto",
@@ -294,7 +299,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     try:
-        return convert(args.src, args.out or Path("dataset") / args.name, args.name, args.sequences, args.datamaps, args.ids)
+        return convert(
+            args.src, args.out or Path("dataset") / args.name, args.name, args.sequences, args.datamaps, args.ids
+        )
     except (S3RecFormatError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
 

@@ -4,16 +4,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from dataset_prep import convert_s3rec
+from dataset_prep.common import read_inter
 
-from dataset_prep import convert_s3rec  # noqa: E402
-from dataset_prep.common import read_inter  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DATA = ROOT / "tests" / "data" / "s3rec"
 SHARED = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -116,6 +114,16 @@ def test_recbole_leave_one_out_targets_are_the_last_two_s3rec_items(tmp_path, mo
         assert len(users) == len(inter)
         for user, target in zip(users, targets):
             assert target == inter[user][-offset][0]
+
+
+def test_sequence_file_found_among_other_txt_files(tmp_path):
+    src = tmp_path / "sports"
+    shutil.copytree(DATA / "sports", src)
+    (src / "item_keywords_idgenrec.txt").write_text("1 waterproof zipper\n")
+    with pytest.raises(convert_s3rec.S3RecFormatError, match="name it with --sequences"):
+        convert_s3rec.find_s3rec_file(src)
+    (src / "Sports_and_Outdoors_item2attributes.json").write_text("{}")
+    assert convert_s3rec.find_s3rec_file(src) == src / "Sports_and_Outdoors.txt"
 
 
 @pytest.mark.skipif(not (SHARED / "amazon_sports_5core_2014").is_dir(), reason="shared real data absent")
