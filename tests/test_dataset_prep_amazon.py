@@ -301,6 +301,7 @@ def test_k_core_on_a_real_s3rec_extract_matches_an_independent_filter(tmp_path):
     check_against(sequences, expected, read_inter(tmp_path / "out" / "s.inter"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "amazon_sports_5core_2014").is_dir(), reason="shared real data absent")
 def test_5_core_of_the_full_sports_reviews_reproduces_the_s3rec_file(tmp_path):
     """All of Sports (296,337 reviews) plus noise: the 5-core is exactly the S3-Rec sequences."""

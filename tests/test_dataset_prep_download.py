@@ -284,6 +284,7 @@ def test_main_url_only_without_all_urls(server, tmp_path):
     assert not (tmp_path / "x.images_failed.tsv").exists()
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_an_uninterrupted_run(server, tmp_path):
     count = 24
     served = {}

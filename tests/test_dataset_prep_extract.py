@@ -260,6 +260,7 @@ def cache_entries(cache: Path) -> int:
     return sum(1 for _ in (cache / "entries").glob("*/*.npy")) if (cache / "entries").is_dir() else 0
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_the_cache(tmp_path, capsys):
     """SIGKILL the CLI mid-run; the rerun encodes only what the cache lacks, and writes what an unbroken run writes."""
     pytest.importorskip("efficientnet_lite_pytorch")

@@ -134,6 +134,7 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_sasrec_reveal_learns_more_from_the_images_than_from_the_text(tmp_path, monkeypatch, one_torch_thread):
     from reveal_recbole.quick_start import run_reveal
 

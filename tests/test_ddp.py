@@ -54,6 +54,7 @@ def _rank_worker(rank: int, *args) -> None:
     quick_start.run_reveals(rank, *args)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_share_avl_state(tiny_config, tmp_path, monkeypatch):
     # gpu_id '' keeps both runs on CPU (gloo) on GPU machines too; RecBole then sets
     # CUDA_VISIBLE_DEVICES='', which monkeypatch restores for later tests.

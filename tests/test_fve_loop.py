@@ -325,6 +325,7 @@ run_fve("SASRecREVEAL", "scientific", rounds=3, config_dict=json.loads({config!r
 """
 
 
+@pytest.mark.slow
 def test_sigkilled_loop_resumes_to_the_uninterrupted_result(fve_config, tmp_path, monkeypatch):
     """SIGKILL a real FVE process after its first feedback round; the rerun ends as an uninterrupted run."""
     import os

@@ -80,6 +80,7 @@ def test_plain_recbole_checkpoint_still_resumes(settings):
     assert fresh.start_epoch >= 1 and fresh.saved_model_file == trainer.saved_model_file
 
 
+@pytest.mark.slow
 def test_killed_cli_run_resumes_to_the_uninterrupted_result(settings, tmp_path):
     """SIGKILL the real CLI mid-training; ``--resume_file`` finishes it with the uninterrupted metrics."""
     settings = settings | {"epochs": 12}
