@@ -30,15 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reveal_recbole.data.feature_cache import FeatureCache
 from reveal_recbole.data.text_features import (
     DEFAULT_TEXT_FIELDS,
     TextEncoder,
     extract_text_features,
     item_text,
 )
-from reveal_recbole.fve.cache import FeatureCache
 from reveal_recbole.fve.sources import read_item_texts
-from reveal_recbole.utils import bundled_datasets_dir
+from reveal_recbole.resources import bundled_datasets_dir
 
 
 def scientific_texts(count: int, fields: tuple[str, ...]) -> list[str]:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from reveal_recbole.fve.cache import FeatureCache
+from reveal_recbole.data.feature_cache import FeatureCache
 from reveal_recbole.fve.efficientnet import EfficientNetLiteEncoder
 from reveal_recbole.fve.extract import ItemImage, extract_item_features
 from reveal_recbole.fve.feedback import TOP10, TOP20, rank_feedback

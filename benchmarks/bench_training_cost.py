@@ -21,7 +21,7 @@ from recbole.utils import init_seed
 import reveal_recbole.trainer.avl as avl_module
 from reveal_recbole.config import Config
 from reveal_recbole.data import create_dataset
-from reveal_recbole.utils import get_model, get_trainer
+from reveal_recbole.registry import get_model, get_trainer
 
 COMMON = {"state": "ERROR", "show_progress": False, "checkpoint_dir": "saved/bench", "diagnostics_figure": False}
 

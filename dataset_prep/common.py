@@ -22,7 +22,7 @@ from typing import Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from reveal_recbole.utils import atomic_write_text
+from reveal_recbole.atomic import atomic_write_text
 
 INTER_HEADER = ("user_id:token", "item_id:token", "timestamp:float")
 ITEM_COLUMNS = ("title", "categories", "brand", "description")

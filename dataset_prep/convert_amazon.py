@@ -78,7 +78,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from dataset_prep.common import clean_field, open_text, progress, summary, write_inter, write_item_table
-from reveal_recbole.utils import atomic_write_text
+from reveal_recbole.atomic import atomic_write_text
 
 ASIN_PATTERN = re.compile(r"""['"]asin['"]\s*:\s*['"]([^'"]+)['"]""")
 TAG_PATTERN = re.compile(r"<[^>]*>")

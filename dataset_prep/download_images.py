@@ -50,8 +50,8 @@ from urllib.parse import urljoin, urlsplit
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dataset_prep.common import progress
+from reveal_recbole.atomic import atomic_write_bytes, atomic_write_text
 from reveal_recbole.image_io import ImageRejected, decode_image
-from reveal_recbole.utils import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -44,6 +44,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from reveal_recbole.data.feature_cache import FeatureCache
 from reveal_recbole.data.features import write_item_features
 from reveal_recbole.data.text_features import (
     DEFAULT_TEXT_FIELDS,
@@ -54,7 +55,6 @@ from reveal_recbole.data.text_features import (
     item_text,
 )
 from reveal_recbole.errors import UserInputError
-from reveal_recbole.fve.cache import FeatureCache
 from reveal_recbole.fve.extract import ImageEncoder, ItemImage, extract_item_features
 from reveal_recbole.fve.loop import (
     DEFAULT_CLIP,

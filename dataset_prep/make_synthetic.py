@@ -48,8 +48,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dataset_prep.common import progress, summary, write_inter, write_item_table
+from reveal_recbole.atomic import atomic_write_bytes, atomic_write_text
 from reveal_recbole.data.features import write_item_features
-from reveal_recbole.utils import atomic_write_bytes, atomic_write_text
 
 SHAPES = ("circle", "square", "triangle", "cross", "star")
 TEXTURES = ("plain", "stripes", "dots", "checks")
