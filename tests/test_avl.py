@@ -10,6 +10,8 @@ from recbole.trainer import Trainer
 
 from reveal_recbole.config import Config
 from reveal_recbole.errors import ConfigError
+from reveal_recbole.pipeline import build_model, prepare_data
+from reveal_recbole.registry import get_trainer
 from reveal_recbole.trainer.avl import (
     AdaptiveVisualLearning,
     AVLConfig,
@@ -18,8 +20,6 @@ from reveal_recbole.trainer.avl import (
     update_running_mean,
     visual_weight,
 )
-from reveal_recbole.pipeline import build_model, prepare_data
-from reveal_recbole.registry import get_trainer
 
 from conftest import assert_report_metrics
 
@@ -76,7 +76,8 @@ def test_running_means_exponential_and_cumulative():
     [(3.0, 2.0, 2.5, 2.5, 1.0), (2.0, 2.4, 2.1, 2.3, 0.5), (5.0, 5.0, 5.0, 5.0, 1.0), (6.6, 7.1, 6.8, 6.9, 2.0)],
 )
 def test_agm_weights_match_the_authors_formula(loss_v, loss_t, mean_v, mean_t, alpha):
-    """M3SRec/trainers.py: s = -L, r = exp(s_img - s_txt), tau = exp(hat_s_img - hat_s_txt), clamp(exp(-alpha (r - tau)), 0.2, 2)."""
+    """M3SRec/trainers.py: s = -L, r = exp(s_img - s_txt), tau = exp(hat_s_img - hat_s_txt),
+    clamp(exp(-alpha (r - tau)), 0.2, 2)."""
     s_img, s_txt, hat_img, hat_txt = -loss_v, -loss_t, -mean_v, -mean_t
     kappa_img = math.exp(-alpha * (math.exp(s_img - s_txt) - math.exp(hat_img - hat_txt)))
     kappa_txt = math.exp(-alpha * (math.exp(s_txt - s_img) - math.exp(hat_txt - hat_img)))
@@ -245,7 +246,8 @@ def test_a_second_trainer_on_the_same_model_never_sees_the_first_ones_k_v(tiny_c
 
     config_on = Config(model="SASRecREVEAL", dataset="scientific", config_dict=on)
     third = get_trainer(config_on["MODEL_TYPE"], "SASRecREVEAL")(config_on, model)
-    visual = {n for n, p in model.named_parameters() if id(p) in {id(q) for q in model.item_embedding.modality_parameters("image")}}
+    image_ids = {id(q) for q in model.item_embedding.modality_parameters("image")}
+    visual = {n for n, p in model.named_parameters() if id(p) in image_ids}
     with third.avl.gradient_hooks():  # what its training epochs run inside
         third.avl.k_v = torch.tensor(2.5)
         scaled = gradients(model, interaction)

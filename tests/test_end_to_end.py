@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from reveal_recbole import Config
-from reveal_recbole.quick_start import run_reveal
 from reveal_recbole.pipeline import build_model, build_trainer, prepare_data
+from reveal_recbole.quick_start import run_reveal
 
 from conftest import REPORT_METRICS, assert_report_metrics
 

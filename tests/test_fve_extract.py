@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from reveal_recbole.data.features import read_feature_file, write_item_features
 from reveal_recbole.data.feature_cache import FeatureCache
+from reveal_recbole.data.features import read_feature_file, write_item_features
 from reveal_recbole.fve.extract import (
     CLIPPromptEncoder,
     ImageEncoder,

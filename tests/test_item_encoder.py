@@ -91,7 +91,9 @@ def test_masking_zeroes_the_projected_embedding_bias_included():
         expected[0] = 0
         torch.testing.assert_close(full - image_masked, expected)
         missing = torch.tensor(MISSING_IMAGE)  # no image row: the zero input's bias b_v goes too
-        torch.testing.assert_close(full[missing] - image_masked[missing], encoder.projections["image"].bias.expand(2, -1))
+        torch.testing.assert_close(
+            full[missing] - image_masked[missing], encoder.projections["image"].bias.expand(2, -1)
+        )
 
         with encoder.masking(["image"]), encoder.masking(["text"]):
             assert encoder.masked_modalities == {"image", "text"}
@@ -372,9 +374,11 @@ def test_rows_fit_a_larger_id_table():
     [
         ({"fusion": "mean"}, "fusion"), ({"missing_feature": "mean"}, "missing_feature"),
         ({"feature_norm": "l1"}, "feature_norm"), ({"score_with": "image"}, "score_with"),
-        ({"id_dropout": 1.0}, "id_dropout"), ({"id_dropout": -0.1}, "id_dropout"), ({"id_dropout": "0.1"}, "id_dropout"),
-        ({"id_dropout": 0.1, "modalities": ()}, "id_dropout needs"), ({"fusion": "moe", "moe_shared_experts": 0}, "moe_shared"),
-        ({"fusion": "moe", "moe_specific_experts": 2.5}, "moe_specific"), ({"fusion": "moe", "moe_low_rank": True}, "moe_low"),
+        ({"id_dropout": 1.0}, "id_dropout"), ({"id_dropout": -0.1}, "id_dropout"),
+        ({"id_dropout": "0.1"}, "id_dropout"), ({"id_dropout": 0.1, "modalities": ()}, "id_dropout needs"),
+        ({"fusion": "moe", "moe_shared_experts": 0}, "moe_shared"),
+        ({"fusion": "moe", "moe_specific_experts": 2.5}, "moe_specific"),
+        ({"fusion": "moe", "moe_low_rank": True}, "moe_low"),
     ],
 )
 def test_bad_settings_raise_config_error(kwargs, word):
@@ -394,7 +398,9 @@ def test_score_with_id_in_a_model_scores_ce_full_ranking_and_predict_with_the_id
         seq_output = model.forward(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])  # inputs embedded fused
         fused_inputs = F.embedding(batch[model.ITEM_SEQ], model.item_embedding.table())
         assert torch.equal(model.item_embedding(batch[model.ITEM_SEQ]), fused_inputs)
-        torch.testing.assert_close(model.calculate_loss(batch), F.cross_entropy(seq_output @ id_table.T, batch[model.POS_ITEM_ID]))
+        torch.testing.assert_close(
+            model.calculate_loss(batch), F.cross_entropy(seq_output @ id_table.T, batch[model.POS_ITEM_ID])
+        )
         torch.testing.assert_close(model.full_sort_predict(batch), seq_output @ id_table.T)
         expected = (seq_output * id_table[batch[model.ITEM_ID]]).sum(-1)
         torch.testing.assert_close(model.predict(batch), expected)
@@ -413,4 +419,5 @@ def test_a_saved_config_without_the_newer_keys_gets_their_defaults():
     from reveal_recbole.model.item_encoder import SETTING_DEFAULTS, encoder_settings
 
     old_config = {"loss_type": "CE"}
-    assert encoder_settings(type("C", (), {"__getitem__": lambda self, k: old_config.get(k)})(), ["image"]) == SETTING_DEFAULTS
+    config = type("C", (), {"__getitem__": lambda self, k: old_config.get(k)})()
+    assert encoder_settings(config, ["image"]) == SETTING_DEFAULTS

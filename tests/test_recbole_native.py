@@ -42,14 +42,18 @@ def test_recbole_config_gives_bert4rec_its_transform(tiny_config):
 
 def test_recbole_config_leaves_recbole_models_alone(tiny_config):
     """Only REVEAL models get our defaults in RecBole's own Config: a baseline stays RecBole's."""
-    config = RecBoleConfig(model="SASRec", dataset="scientific", config_dict={**tiny_config, "train_neg_sample_args": None})
+    config = RecBoleConfig(
+        model="SASRec", dataset="scientific", config_dict={**tiny_config, "train_neg_sample_args": None}
+    )
     assert config["modalities"] is None and config["avl"] is None
 
 
 @pytest.mark.parametrize("config_class", [Config, RecBoleConfig])
 @pytest.mark.parametrize("loss_type, distribution", [("CE", "none"), ("BPR", "uniform")])
 def test_negative_sampling_follows_the_loss(tiny_config, config_class, loss_type, distribution):
-    config = config_class(model="SASRecREVEAL", dataset="scientific", config_dict={**tiny_config, "loss_type": loss_type})
+    config = config_class(
+        model="SASRecREVEAL", dataset="scientific", config_dict={**tiny_config, "loss_type": loss_type}
+    )
     assert config["train_neg_sample_args"]["distribution"] == distribution
 
 

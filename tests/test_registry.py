@@ -10,11 +10,11 @@ from recbole.model.sequential_recommender import STAMP, SASRec
 
 import reveal_recbole
 from reveal_recbole.data import MultimodalSequentialDataset
+from reveal_recbole.errors import UnknownModelError
 from reveal_recbole.model import REVEALRecommender, make_reveal_model
 from reveal_recbole.quick_start import run_reveal
-from reveal_recbole.trainer import REVEALTrainer
-from reveal_recbole.errors import UnknownModelError
 from reveal_recbole.registry import get_model, get_trainer, registered_models
+from reveal_recbole.trainer import REVEALTrainer
 
 from conftest import assert_report_metrics
 
