@@ -7,13 +7,12 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def properties_dir() -> Path:
-    """The ``properties/`` folder: inside the package when installed as a wheel, beside it in a checkout."""
-    for candidate in (PACKAGE_DIR / "properties", PACKAGE_DIR.parent / "properties"):
-        if candidate.is_dir():
-            return candidate
+    """The ``properties/`` folder, shipped inside the package (the checkout's top-level one links to it)."""
+    candidate = PACKAGE_DIR / "properties"
+    if candidate.is_dir():
+        return candidate
     raise FileNotFoundError(
-        f"reveal-recbole's properties/ folder was not found next to {PACKAGE_DIR}; "
-        "install the package from its source tree with `pip install -e .`"
+        f"reveal-recbole's properties/ folder was not found in {PACKAGE_DIR}; reinstall the package"
     )
 
 
