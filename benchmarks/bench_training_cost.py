@@ -15,13 +15,10 @@ import time
 from contextlib import nullcontext
 
 import torch
-from recbole.data import data_preparation
-from recbole.utils import init_seed
 
 import reveal_recbole.trainer.avl as avl_module
 from reveal_recbole.config import Config
-from reveal_recbole.data import create_dataset
-from reveal_recbole.registry import get_model, get_trainer
+from reveal_recbole.pipeline import prepare_run
 
 COMMON = {"state": "ERROR", "show_progress": False, "checkpoint_dir": "saved/bench", "diagnostics_figure": False}
 
@@ -52,13 +49,8 @@ def naive_masked_losses(model, interaction, visual="image", text="text"):
 
 
 def build(model_name: str, dataset: str, overrides: dict):
-    config = Config(model=model_name, dataset=dataset, config_dict=COMMON | overrides)
-    init_seed(config["seed"], config["reproducibility"])
-    data = create_dataset(config)
-    train_data, valid_data, _ = data_preparation(config, data)
-    model = get_model(model_name)(config, train_data._dataset).to(config["device"])
-    trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)
-    return trainer, train_data, valid_data
+    run = prepare_run(Config(model=model_name, dataset=dataset, config_dict=COMMON | overrides))
+    return run.trainer, run.train_data, run.valid_data
 
 
 def time_variant(trainer, train_data, valid_data, epoch: int, naive: bool) -> tuple[float, float]:

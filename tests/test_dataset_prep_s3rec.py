@@ -90,10 +90,8 @@ def test_numeric_ids_without_datamaps(tmp_path):
 
 def test_recbole_leave_one_out_targets_are_the_last_two_s3rec_items(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    from recbole.data import data_preparation
-
     from reveal_recbole.config import Config
-    from reveal_recbole.data import create_dataset
+    from reveal_recbole.pipeline import prepare_data
 
     convert_s3rec.convert(DATA / "sports", tmp_path / "sports", "sports")
     config = Config(
@@ -104,8 +102,7 @@ def test_recbole_leave_one_out_targets_are_the_last_two_s3rec_items(tmp_path, mo
             "save_dataset": False, "save_dataloaders": False, "MAX_ITEM_LIST_LENGTH": 50,
         },
     )
-    dataset = create_dataset(config)
-    _, valid, test = data_preparation(config, dataset)
+    dataset, _, valid, test = prepare_data(config)
     inter = read_inter(tmp_path / "sports" / "sports.inter")
     for loader, offset in ((valid, 2), (test, 1)):
         data = loader._dataset.inter_feat
