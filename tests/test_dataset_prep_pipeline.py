@@ -15,7 +15,7 @@ import pytest
 
 from dataset_prep import convert_amazon, download_images, extract_features
 from dataset_prep.common import read_inter
-from reveal_recbole import quick_start
+from reveal_recbole import pipeline, quick_start
 from reveal_recbole.data.features import feature_paths, read_feature_file
 from reveal_recbole.fve.extract import missing_image_vector
 
@@ -125,8 +125,8 @@ def test_sports_end_to_end(tmp_path, monkeypatch, server, tiny_bert):  # noqa: F
         seen.append((dataset, dataset.inter_num))  # before data_preparation turns interactions into sequences
         return dataset
 
-    original = quick_start.create_dataset
-    monkeypatch.setattr(quick_start, "create_dataset", create_dataset)
+    original = pipeline.create_dataset
+    monkeypatch.setattr(pipeline, "create_dataset", create_dataset)
     config = make_tiny_config(tmp_path / "data", tmp_path / "saved") | {"diagnostics_figure": False}
     result = quick_start.run_reveal("SASRecREVEAL", NAME, config_dict=config)
 
