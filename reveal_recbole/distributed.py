@@ -6,14 +6,14 @@ backend (absent from CPU builds of torch) and moves each rank to ``cuda:<rank>``
 calls ``init_cpu_process_group`` instead when no GPU is used, so the same ``run`` works on CPU
 with gloo; on GPUs RecBole's NCCL set-up runs unchanged. Each CPU rank gets its share of the
 cores for torch's intra-op threads (unless ``OMP_NUM_THREADS`` says otherwise): with every rank
-on all cores, a 2-process epoch on 2 cores took 10x longer than with one thread each. The trainer side (DDP wrapper without
-device ids on CPU, one checkpoint name per run) lives in ``reveal_recbole.trainer.base``.
+on all cores, a 2-process epoch on 2 cores took 10x longer than with one thread each. The trainer
+side (DDP wrapper without device ids on CPU, one checkpoint name per run) lives in
+``reveal_recbole.trainer.base``.
 """
 from __future__ import annotations
 
-from typing import Any, MutableMapping
-
 import os
+from typing import Any, MutableMapping
 
 import torch
 import torch.distributed as dist

@@ -21,7 +21,9 @@ class ImageRejected(ValueError):
     """The bytes are not an image we accept (undecodable, truncated, or too many pixels)."""
 
 
-def decode_image(data: bytes, draft_size: tuple[int, int] | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def decode_image(
+    data: bytes, draft_size: tuple[int, int] | None = None, max_pixels: int = MAX_IMAGE_PIXELS
+) -> Image.Image:
     """``data`` fully decoded as an RGB image; :class:`ImageRejected` says why when it is not.
 
     ``draft_size``: JPEGs larger than twice that are decoded at a reduced DCT scale (faster).

@@ -38,7 +38,7 @@ def prepare_data(config, dataset=None) -> tuple[Any, Any, Any, Any]:
 
 
 def build_model(config, train_data, checkpoint: dict | None = None):
-    """The configured model on the training split, seeded per DDP rank as RecBole does; ``checkpoint`` loaded into it."""
+    """The configured model on the training split, seeded per DDP rank as RecBole does, ``checkpoint`` loaded."""
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     if checkpoint is not None:

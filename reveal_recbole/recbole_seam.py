@@ -162,7 +162,7 @@ class _TorchWithCheckpointLoader(types.ModuleType):
 
 
 def route_recbole_checkpoint_loads() -> None:
-    """RecBole's ``Trainer.evaluate(load_best_model=True)`` and ``resume_checkpoint`` read through :func:`load_checkpoint`."""
+    """RecBole's ``evaluate(load_best_model=True)`` and ``resume_checkpoint`` load via :func:`load_checkpoint`."""
     module = importlib.import_module("recbole.trainer.trainer")
     if not isinstance(module.torch, _TorchWithCheckpointLoader):
         module.torch = _TorchWithCheckpointLoader("torch")

@@ -75,7 +75,8 @@ def _header_fields(path: Path, config) -> dict[str, str]:
         if not colon or not name or kind not in FEATURE_TYPES:
             raise DatasetFileError(
                 f"{path}: header column {column} is {entry!r}, not name:type with type one of "
-                f"{', '.join(FEATURE_TYPES)} (columns are tab-separated, e.g. user_id:token item_id:token timestamp:float)"
+                f"{', '.join(FEATURE_TYPES)} "
+                "(columns are tab-separated, e.g. user_id:token item_id:token timestamp:float)"
             )
         fields[name] = kind
     return fields
@@ -97,7 +98,9 @@ def check_interaction_file(config) -> None:
             f"load_col, and TIME_FIELD for the chronological split); the header has {', '.join(fields) or 'nothing'}"
         )
     if time in fields and fields[time] != "float":
-        raise DatasetFileError(f"{path}: column {time} is {fields[time]}; timestamps must be float (write {time}:float)")
+        raise DatasetFileError(
+            f"{path}: column {time} is {fields[time]}; timestamps must be float (write {time}:float)"
+        )
     problem = find_bad_interaction_line(path, fields, config)
     if problem:
         raise DatasetFileError(problem)

