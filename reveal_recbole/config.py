@@ -6,11 +6,11 @@ override them exactly as in RecBole:
 1. RecBole's own overall/model/dataset/quick-start yaml (for ``XREVEAL``: the backbone X's yaml);
 2. ``properties/overall.yaml``: the shared protocol (split, metrics, training), for every model,
    so baselines and REVEAL models run on the same data, split and seed;
-3. ``properties/reveal_base.yaml`` then ``properties/model/<Model>.yaml`` (REVEAL models);
+3. ``properties/reveal_base.yaml`` (REVEAL models), then ``properties/model/<Model>.yaml`` (our models);
 4. ``properties/dataset/<dataset>.yaml``.
 
 ``train_neg_sample_args`` follows ``loss_type`` unless given (``recbole_seam.sampling_for_loss``).
-After ``import reveal_recbole``, RecBole's own ``Config`` loads steps 1-3 for REVEAL models too.
+After ``import reveal_recbole``, RecBole's own ``Config`` loads steps 1-3 for our models too.
 """
 from __future__ import annotations
 
@@ -45,13 +45,16 @@ def reveal_yaml_files(model_name: str, model_class) -> list[Path]:
     """The yaml files ``Config`` adds after RecBole's own, in load order (missing files skipped).
 
     For ``XREVEAL``: backbone X's RecBole yaml, then ``overall.yaml``, ``reveal_base.yaml`` and
-    ``model/<Model>.yaml``; for any other model just ``overall.yaml``.
+    ``model/<Model>.yaml``; for our other models (FeatureKNN) ``overall.yaml`` and ``model/<Model>.yaml``;
+    for RecBole's just ``overall.yaml``.
     """
     props = properties_dir()
     backbone = backbone_of(model_class)
     files = [props / "overall.yaml"]
     if backbone is not None:
-        files = [recbole_model_yaml(backbone), *files, props / "reveal_base.yaml", props / "model" / f"{model_name}.yaml"]
+        files = [recbole_model_yaml(backbone), *files, props / "reveal_base.yaml"]
+    if is_registered(model_class):
+        files.append(props / "model" / f"{model_name}.yaml")
     return [f for f in files if f.is_file()]
 
 
@@ -127,4 +130,4 @@ def known_datasets() -> dict[str, str]:
     return dict(sorted(names.items()))
 
 
-recbole_seam.add_defaults_to_recbole_config(reveal_yaml_files, is_ours=lambda model_class: backbone_of(model_class) is not None)
+recbole_seam.add_defaults_to_recbole_config(reveal_yaml_files, is_ours=is_registered)

@@ -1,4 +1,5 @@
 from reveal_recbole.model.bert4rec_reveal import BERT4RecREVEAL
+from reveal_recbole.model.feature_knn import FeatureKNN
 from reveal_recbole.model.gru4rec_reveal import GRU4RecREVEAL
 from reveal_recbole.model.item_encoder import REVEALItemEncoder
 from reveal_recbole.model.narm_reveal import NARMREVEAL
@@ -7,6 +8,7 @@ from reveal_recbole.model.sasrec_reveal import SASRecREVEAL
 
 __all__ = [
     "BERT4RecREVEAL",
+    "FeatureKNN",
     "GRU4RecREVEAL",
     "NARMREVEAL",
     "REVEALItemEncoder",
