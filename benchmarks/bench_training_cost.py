@@ -20,7 +20,9 @@ import reveal_recbole.trainer.avl as avl_module
 from reveal_recbole.config import Config
 from reveal_recbole.pipeline import prepare_run
 
-COMMON = {"state": "ERROR", "show_progress": False, "checkpoint_dir": "saved/bench", "diagnostics_figure": False}
+# utilisation_per_epoch off: its masked evaluations are a diagnostic, not the cost measured here
+COMMON = {"state": "ERROR", "show_progress": False, "checkpoint_dir": "saved/bench", "diagnostics_figure": False,
+          "utilisation_per_epoch": False}
 
 SUITES = {
     "encoder": [

@@ -16,12 +16,19 @@ from typing import Optional
 from reveal_recbole.atomic import atomic_write_bytes
 
 UTILISATION_METRICS = ("ndcg@10", "recall@20")
+UTILISATION_CSV_SUFFIX = "-utilisation.csv"  # per-epoch validation drops, next to the checkpoint (REVEALTrainer)
 
 
-def visual_utilisation(trainer, eval_data, modalities=("image", "text"), metrics=UTILISATION_METRICS) -> dict:
-    """Metrics with all inputs, with each modality masked, and the drop (full - masked) per metric."""
+def visual_utilisation(trainer, eval_data, modalities=("image", "text"), metrics=UTILISATION_METRICS,
+                       full=None) -> dict:
+    """Metrics with all inputs, with each modality masked, and the drop (full - masked) per metric.
+
+    The model is evaluated as it is (no checkpoint reload), so a validation epoch can call it with
+    its own unmasked result as ``full`` and pay one evaluation per masked modality.
+    """
     encoder = trainer.model.item_embedding
-    full = trainer.evaluate(eval_data, load_best_model=False)
+    if full is None:
+        full = trainer.evaluate(eval_data, load_best_model=False)
     report = {"full": {m: float(full[m]) for m in metrics}, "masked": {}, "drop": {}}
     for modality in modalities:
         if modality not in encoder.modalities:
@@ -33,12 +40,35 @@ def visual_utilisation(trainer, eval_data, modalities=("image", "text"), metrics
     return report
 
 
-def read_avl_csv(path: str | Path) -> dict[str, list[float]]:
+def utilisation_row(epoch: int, report: dict) -> dict[str, float]:
+    """One epoch of a :func:`visual_utilisation` report as a flat CSV row."""
+    row = {"epoch": epoch, **report["full"]}
+    for modality in report["masked"]:
+        row.update({f"{modality}_masked_{m}": v for m, v in report["masked"][modality].items()})
+        row.update({f"{modality}_drop_{m}": v for m, v in report["drop"][modality].items()})
+    return row
+
+
+def append_csv_row(path: str | Path, row: dict) -> None:
+    """Append ``row`` to a CSV file, writing the header first when the file is new."""
+    new_file = not Path(path).exists()
+    with open(path, "a", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if new_file:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def read_csv_columns(path: str | Path, what: str) -> dict[str, list[float]]:
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     if not rows:
-        raise ValueError(f"{path}: no AVL rows")
+        raise ValueError(f"{path}: no {what} rows")
     return {key: [float(row[key]) for row in rows] for key in rows[0]}
+
+
+def read_avl_csv(path: str | Path) -> dict[str, list[float]]:
+    return read_csv_columns(path, "AVL")
 
 
 def pyplot():
@@ -93,11 +123,22 @@ def plot_utilisation(ax, drop: dict[str, dict[str, float]], title: str = "metric
     ax.legend()
 
 
-def plot_diagnostics(avl_csv: Optional[str | Path], utilisation: Optional[dict], output: str | Path) -> Path:
-    """One PNG: K_v over steps, per-modality gradient norms, and the utilisation bars."""
-    panels = (2 if avl_csv else 0) + (1 if utilisation else 0)
+def plot_utilisation_epochs(ax, epochs: dict[str, list[float]], metric: str = "ndcg@10") -> None:
+    """The validation drop per masked modality over epochs: where the image line nears 0, the IDs took over."""
+    for column in epochs:
+        if column.endswith(f"_drop_{metric}"):
+            ax.plot(epochs["epoch"], epochs[column], marker=".", label=f"{column.split('_drop_')[0]} masked")
+    ax.axhline(0.0, color="grey", ls="--", lw=0.8)
+    ax.set(title=f"valid {metric} drop when masked, per epoch", xlabel="epoch", ylabel="full - masked")
+    ax.legend()
+
+
+def plot_diagnostics(avl_csv: Optional[str | Path], utilisation: Optional[dict], output: str | Path,
+                     utilisation_csv: Optional[str | Path] = None) -> Path:
+    """One PNG: K_v over steps, per-modality gradient norms, the utilisation bars and the per-epoch drops."""
+    panels = (2 if avl_csv else 0) + (1 if utilisation else 0) + (1 if utilisation_csv else 0)
     if panels == 0:
-        raise ValueError("nothing to plot: give an AVL CSV, a utilisation report, or both")
+        raise ValueError("nothing to plot: give an AVL CSV, a utilisation report or a per-epoch utilisation CSV")
     fig, axes = pyplot().subplots(1, panels, figsize=(5 * panels, 3.8), squeeze=False)
     axes = list(axes[0])
     if avl_csv:
@@ -106,8 +147,15 @@ def plot_diagnostics(avl_csv: Optional[str | Path], utilisation: Optional[dict],
         plot_grad_norms(axes.pop(0), steps)
     if utilisation:
         plot_utilisation(axes.pop(0), utilisation["drop"])
+    if utilisation_csv:
+        plot_utilisation_epochs(axes.pop(0), read_csv_columns(utilisation_csv, "utilisation"))
     fig.tight_layout()
     return save_png(fig, output)
+
+
+def existing(path: Optional[str | Path]) -> Optional[Path]:
+    """``path`` if it names a file (a run writes its CSVs only when the feature is on), else None."""
+    return Path(path) if path and Path(path).is_file() else None
 
 
 def main(argv=None) -> None:
@@ -122,9 +170,10 @@ def main(argv=None) -> None:
     run = load_run(args.model_file)
     report = visual_utilisation(run.trainer, run.valid_data if args.split == "valid" else run.test_data)
     print(f"{args.split} utilisation: {report}")
-    avl_csv = Path(args.model_file).with_name(Path(args.model_file).stem + "-avl.csv")
+    avl_csv, epochs_csv = (existing(Path(args.model_file).with_name(Path(args.model_file).stem + suffix))
+                           for suffix in ("-avl.csv", UTILISATION_CSV_SUFFIX))
     figure = args.figure or Path(args.model_file).with_suffix(".diagnostics.png")
-    print(f"figure: {plot_diagnostics(avl_csv if avl_csv.is_file() else None, report, figure)}")
+    print(f"figure: {plot_diagnostics(avl_csv, report, figure, epochs_csv)}")
 
 
 if __name__ == "__main__":

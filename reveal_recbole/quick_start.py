@@ -14,7 +14,7 @@ from recbole.data.transform import construct_transform
 from recbole.utils import init_logger, set_color
 
 from reveal_recbole.config import Config
-from reveal_recbole.diagnostics import plot_diagnostics, visual_utilisation
+from reveal_recbole.diagnostics import existing, plot_diagnostics, visual_utilisation
 from reveal_recbole.pipeline import load_run, prepare_run
 from reveal_recbole.recbole_seam import count_flops
 
@@ -117,9 +117,10 @@ def report_utilisation(config, trainer, test_data, saved: bool) -> dict:
     drops = utilisation["drop"].items()
     trainer.log_final("Utilisation", {f"{mod}_masked/{m}": v for mod, drop in drops for m, v in drop.items()})
     if saved and config["diagnostics_figure"] and config["local_rank"] == 0:
-        avl_csv = getattr(trainer, "avl_csv_file", None)
+        avl_csv = existing(getattr(trainer, "avl_csv_file", None))
+        epochs_csv = existing(getattr(trainer, "utilisation_csv_file", None))
         figure = Path(trainer.saved_model_file).with_suffix(".diagnostics.png")
-        plot_diagnostics(avl_csv if avl_csv and Path(avl_csv).is_file() else None, utilisation, figure)
+        plot_diagnostics(avl_csv, utilisation, figure, epochs_csv)
         getLogger().info(f"diagnostics figure: {figure}")
     return utilisation
 

@@ -6,6 +6,7 @@ import os
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 
+from reveal_recbole.diagnostics import UTILISATION_CSV_SUFFIX, append_csv_row, utilisation_row, visual_utilisation
 from reveal_recbole.distributed import is_main_process
 from reveal_recbole.trainer.avl import AdaptiveVisualLearning, AVLConfig
 from reveal_recbole.trainer.base import TrainerExtensions
@@ -19,12 +20,20 @@ class REVEALTrainer(TrainerExtensions, Trainer):
     to ``<saved model file>-avl.csv``; per-epoch means to the log and tensorboard. Under DDP every
     rank computes the same K_v (``all_reduce_mean``) and rank 0 writes the CSV, with its own
     gradient norms (before DDP averages the ranks' gradients).
+
+    With ``utilisation_per_epoch: True`` each validation also evaluates with the image, then the
+    text input masked, so the epoch where the IDs take over shows: drops in the log, tensorboard
+    (``Utilisation/valid_<modality>_masked_drop/<metric>``) and ``<saved model file>-utilisation.csv``.
     """
 
     def __init__(self, config, model):
         super().__init__(config, model)
         self.avl = self._build_avl(config, model)
-        self.avl_csv_file = os.path.splitext(self.saved_model_file)[0] + "-avl.csv"
+        stem = os.path.splitext(self.saved_model_file)[0]
+        self.avl_csv_file = stem + "-avl.csv"
+        self.utilisation_csv_file = stem + UTILISATION_CSV_SUFFIX
+        wanted = ("image", "text") if config["utilisation_per_epoch"] else ()
+        self.utilisation_modalities = [m for m in wanted if m in model.item_embedding.modalities]
 
     def _build_avl(self, config, model) -> AdaptiveVisualLearning | None:
         if not config["avl"]:
@@ -52,3 +61,20 @@ class REVEALTrainer(TrainerExtensions, Trainer):
             for key, value in summary.items():
                 self.tensorboard.add_scalar(f"AVL/{key}", value, epoch_idx)
         return loss
+
+    def _valid_epoch(self, valid_data, show_progress=False):
+        score, result = super()._valid_epoch(valid_data, show_progress)
+        if self.utilisation_modalities:  # every DDP rank evaluates (the metrics are reduced across ranks)
+            report = visual_utilisation(self, valid_data, self.utilisation_modalities, full=result)
+            self._log_utilisation(report)
+        return score, result
+
+    def _log_utilisation(self, report: dict) -> None:
+        drops = {f"{modality}_masked_drop/{metric}": value
+                 for modality, values in report["drop"].items() for metric, value in values.items()}
+        self.logger.info(set_color(f"epoch {self._epoch} valid drop when masked", "green") + ": "
+                         + ", ".join(f"{key}: {value:.4f}" for key, value in drops.items()))
+        for key, value in drops.items():
+            self.tensorboard.add_scalar(f"Utilisation/valid_{key}", value, self._epoch)
+        if is_main_process(self.config):
+            append_csv_row(self.utilisation_csv_file, utilisation_row(self._epoch, report))
