@@ -109,7 +109,9 @@ def plot_grad_norms(ax, steps: dict[str, list[float]]) -> None:
     ax.legend()
 
 
-def plot_utilisation(ax, drop: dict[str, dict[str, float]], title: str = "metric drop when a modality is masked") -> None:
+def plot_utilisation(
+    ax, drop: dict[str, dict[str, float]], title: str = "metric drop when a modality is masked"
+) -> None:
     """Grouped bars: per metric, the drop (full - masked) for each masked modality."""
     modalities = list(drop)
     metrics = list(dict.fromkeys(m for values in drop.values() for m in values))
