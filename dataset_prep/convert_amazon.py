@@ -34,14 +34,22 @@ Output (``--out``, default ``dataset/<name>``):
   HTML entities are decoded and tags removed; descriptions are cut to
   ``--max-description-chars``.
 * ``<name>.reviews``: ``item_id<TAB>review`` (header ``item_id review``), the first
-  ``--reviews-per-item`` kept reviews of each item in file order (``summary. reviewText``, one
-  line, cut to ``--max-review-chars``), read by FVE's critic as untrusted text.
+  ``--reviews-per-item`` training reviews of each item in file order (``summary. reviewText``,
+  one line, cut to ``--max-review-chars``), read by FVE's critic as untrusted text.
 * ``<name>.images.tsv``: ``item_id<TAB>image_urls`` (URLs separated by spaces, the first one
   the main image) for items that have any: ``imUrl`` (2014); ``imageURLHighRes``, else
   ``imageURL``, else ``image`` (2018). For a later image downloader.
 
+Training reviews only (``--reviews-from train``, the default): the keywords and the
+``.reviews`` file use the reviews of training interactions only. RecBole's leave-one-out split
+(``LS: valid_and_test``) holds out each user's last two interactions (``min(2, n - 1)`` of n),
+the validation and the test target; a review written with a held-out interaction describes
+the very item the model must predict for that user, so it must not reach the item's prompt,
+its features or FVE's critic. ``--reviews-from all`` uses every kept review (the authors'
+choice, which leaks the held-out targets' reviews).
+
 Review keywords (the ``keywords`` column, ``--keywords`` per item, 0 to skip): for each kept
-item, the words of its kept reviews (``summary`` + ``reviewText``, lower-cased, letters only,
+item, the words of its training reviews (``summary`` + ``reviewText``, lower-cased, letters only,
 3+ letters, a built-in English stop-word list removed) are counted once per review, giving the
 review frequency rf(w, i). Words found in fewer than ``--min-df`` items or in more than
 ``--max-df`` of the items are dropped (too rare to trust / too generic, e.g. "great"); a word
@@ -305,6 +313,26 @@ def read_meta(path: Path, wanted: set[str]) -> tuple[dict[str, dict], int]:
 
 
 # ----------------------------------------------------------------------------- keywords
+REVIEWS_FROM = ("train", "all")
+HELD_OUT = 2  # leave-one-out (LS: valid_and_test) holds out each user's last two interactions
+
+
+def training_rows(users: np.ndarray, held_out: int = HELD_OUT) -> np.ndarray:
+    """Mask of the rows RecBole's leave-one-out split trains on, for rows grouped by user in time order.
+
+    Each user's last ``min(held_out, n - 1)`` of n rows are held out (validation, then test), as
+    RecBole's ``_split_index_by_leave_one_out`` does; the rest are training rows.
+    """
+    n = len(users)
+    if not n:
+        return np.zeros(0, dtype=bool)
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    lengths = np.diff(np.r_[starts, n])
+    group = np.repeat(np.arange(len(starts)), lengths)
+    from_end = (starts + lengths)[group] - 1 - np.arange(n)
+    return from_end >= np.minimum(held_out, lengths - 1)[group]
+
+
 def kept_review_texts(path: Path, kept_lines: np.ndarray, line_items: np.ndarray) -> Iterator[tuple[int, str]]:
     """(item index, ``summary`` + ``reviewText``) of every kept review, in file order."""
     if not len(kept_lines):
@@ -390,10 +418,14 @@ def convert(
     max_description_chars: int = 1000,
     reviews_per_item: int = 10,
     max_review_chars: int = 1000,
+    reviews_from: str = "train",
 ) -> dict:
+    """Convert; ``reviews_from="train"`` takes keywords and ``.reviews`` from training interactions only."""
     start = time.perf_counter()
     if (require_meta or require_image) and meta is None:
         raise AmazonFormatError("--require-meta / --require-image need --meta")
+    if reviews_from not in REVIEWS_FROM:
+        raise AmazonFormatError(f"--reviews-from must be one of {', '.join(REVIEWS_FROM)}, got {reviews_from!r}")
     data = Interactions.read(reviews)
     mask = np.ones(len(data.user), dtype=bool)
     if not keep_duplicates:
@@ -424,9 +456,10 @@ def convert(
     item_order = list(dict.fromkeys(items.tolist()))
     tokens = [data.item_tokens[i] for i in item_order]
     snippets: dict[int, list[str]] = {}
+    review_rows = training_rows(users) if reviews_from == "train" else np.ones(len(rows), dtype=bool)
 
     def texts():
-        for item, text in kept_review_texts(reviews, data.line[rows], items):
+        for item, text in kept_review_texts(reviews, data.line[rows[review_rows]], items[review_rows]):
             kept = snippets.setdefault(item, [])
             if len(kept) < reviews_per_item and clean_field(text):
                 kept.append(cut_words(clean_field(text), max_review_chars))
@@ -468,6 +501,8 @@ def convert(
         "kcore_rounds": rounds,
         "items_with_meta": sum(t in records for t in tokens),
         "items_with_image": len(image_rows),
+        "reviews_from": reviews_from,
+        "held_out_reviews_unused": int((~review_rows).sum()),
         "reviews_written": sum(len(v) for v in snippets.values()),
         "unparseable_meta_lines": bad_meta,
         "seconds": time.perf_counter() - start,
@@ -498,12 +533,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reviews-per-item", type=int, default=10,
                         help="reviews per item written to <name>.reviews for FVE's critic (0: no file)")
     parser.add_argument("--max-review-chars", type=int, default=1000, help="cut each written review (0: keep all)")
+    parser.add_argument("--reviews-from", choices=REVIEWS_FROM, default="train",
+                        help="reviews behind the keywords and <name>.reviews: train (default: not each user's last "
+                             "two, the leave-one-out validation and test targets) or all (leaks them)")
     args = parser.parse_args(argv)
     try:
         return convert(
             args.reviews, args.out or Path("dataset") / args.name, args.name, args.meta, args.k, args.user_k,
             args.item_k, args.keep_duplicates, args.require_meta, args.require_image, args.keywords, args.min_df,
-            args.max_df, args.max_description_chars, args.reviews_per_item, args.max_review_chars,
+            args.max_df, args.max_description_chars, args.reviews_per_item, args.max_review_chars, args.reviews_from,
         )
     except (AmazonFormatError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")

@@ -8,6 +8,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dataset_prep import convert_amazon
@@ -138,17 +139,76 @@ def test_2014_reviews_and_literal_metadata(tmp_path, monkeypatch):
     assert "great" not in rows["B00ITEM004"][5].split()  # in every item's reviews: too generic
     assert rows["B00ITEM006"][1:5] == ["", "", "", ""]  # its metadata line was refused
 
+    # training reviews only: each user's last two (items 5 and 6; 4 and 6 for AUSER5) are held out
     reviews_file = (tmp_path / "out" / "sp.reviews").read_text().splitlines()
-    assert reviews_file[0] == "item_id\treview" and len(reviews_file) == 1 + 36  # noise reviews are not kept
+    assert reviews_file[0] == "item_id\treview" and len(reviews_file) == 1 + 36 - 12  # no noise, no held-out
+    assert result["held_out_reviews_unused"] == 12 and result["reviews_from"] == "train"
     assert "B00ITEM003\tGreat. Great product. It is waterproof and the waterproof zipper works." in reviews_file
+    assert not any(line.startswith(("B00ITEM005", "B00ITEM006")) for line in reviews_file)
     capped = convert_amazon.convert(reviews, tmp_path / "capped", "sp", keywords=0, reviews_per_item=2)
-    assert capped["reviews_written"] == 14
+    assert capped["reviews_written"] == 10  # items 0-4
+    every = convert_amazon.convert(reviews, tmp_path / "all", "sp", keywords=0, reviews_from="all")
+    assert every["reviews_written"] == 36 and every["held_out_reviews_unused"] == 0
 
     images = (tmp_path / "out" / "sp.images.tsv").read_text().splitlines()
     assert images[0] == "item_id\timage_urls"
     urls = dict(line.split("\t") for line in images[1:])
     assert urls["B00ITEM000"] == "http://ecx.images-amazon.com/images/I/0abc._SY300_.jpg"
     assert "B00ITEM005" not in urls and "B00ITEM006" not in urls and len(urls) == 5
+
+
+def test_training_rows_hold_out_each_users_last_two_as_recbole_does():
+    users = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 3])
+    assert convert_amazon.training_rows(users).tolist() == [
+        True, True, False, False,  # 4 interactions: train, train, valid, test
+        True, False, False,        # 3: train, valid, test
+        True, False,               # 2: min(2, n - 1) = 1 held out
+        True,                      # 1: nothing to hold out
+    ]
+    assert convert_amazon.training_rows(np.zeros(0, dtype=np.int64)).tolist() == []
+
+
+def test_held_out_reviews_reach_no_prompt_keyword_or_critic(tmp_path):
+    """A word written only in reviews of validation / test interactions reaches neither the keywords,
+    the .reviews file, FVE's initial prompts, nor the critic's request; --reviews-from all lets it through."""
+    from reveal_recbole.fve.critic import build_critic_request
+    from reveal_recbole.fve.loop import initial_prompts
+    from reveal_recbole.fve.select import UNDER_RANKED_POSITIVE
+    from reveal_recbole.fve.sources import read_item_texts
+
+    users, items, rows = core_block()
+    lines = []
+    for user, item in rows:
+        day = int(item[-1])  # every user reviews items in id order: the last two are the held-out ones
+        text = f"Solid sturdy {item[-1]} build, decent grip."
+        if item == "B00ITEM006":  # every user's test target (user u skips item u < 6)
+            text = "The zanzibarite finish shines, zanzibarite everywhere."
+        elif item == "B00ITEM005" and user != "AUSER5":  # the validation target of users 0-4
+            text = "A quokkalike texture, quokkalike again."
+        lines.append(json.dumps(review(user, item, T0 + day * DAY, text=text, summary="Fine")))
+    raw = write_lines(tmp_path / "reviews.json", lines)
+
+    def everything_fve_reads(reviews_from):
+        out = tmp_path / reviews_from
+        convert_amazon.main(["--reviews", str(raw), "--out", str(out), "--name", "x", "--keywords", "5",
+                             "--min-df", "1", "--reviews-from", reviews_from])
+        texts = read_item_texts(out, "x")
+        tokens = [f"B00ITEM00{i}" for i in range(7)]
+        prompts, keywords = initial_prompts(tokens, texts)
+        requests = [
+            build_critic_request(t, prompts[t], texts[t].reviews if t in texts else [], {"hit_count": 1},
+                                 UNDER_RANKED_POSITIVE, keywords=keywords[t]).messages()
+            for t in tokens
+        ]
+        return {"files": (out / "x.item").read_text() + (out / "x.reviews").read_text(),
+                "prompts": json.dumps(prompts), "critic": json.dumps(requests)}
+
+    seen = everything_fve_reads("train")
+    for where, text in seen.items():
+        assert "zanzibarite" not in text and "quokkalike" not in text, where
+    assert "grip" in seen["prompts"] and "grip" in seen["critic"]  # training reviews do get through
+    leaked = everything_fve_reads("all")  # the old behaviour, on request: the held-out reviews leak everywhere
+    assert all("zanzibarite" in text and "quokkalike" in text for text in leaked.values())
 
 
 # ----------------------------------------------------------------------------- 2018 format
