@@ -1,27 +1,38 @@
-"""FVE step 5: critic request, sanitiser, output parser and the three backends."""
+"""FVE step 5: critic request, sanitiser, output parser and the four backends (two of them see the image)."""
+import base64
+import io
 import json
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from PIL import Image
 
 from reveal_recbole.fve.critic import (
+    IMAGE_LINE,
+    MAX_CRITIC_IMAGE_SIDE,
     REMOVED_LINE,
     REVIEWS_CLOSE,
     REVIEWS_OPEN,
     ChatCritic,
     CriticBackendError,
     HFChatCritic,
+    HFVisionCritic,
     OfflineCritic,
     OpenAICompatibleCritic,
     build_critic_request,
+    critic_image,
     parse_critic_output,
     review_block,
     sanitize_untrusted,
+    vision_chat,
 )
 from reveal_recbole.fve.select import OVER_RANKED_NEGATIVE, UNDER_RANKED_POSITIVE
+
+from test_fve_extract import QwenLikeProcessor, bpe_tokenizer
 
 OLD = "An item image of a glue. Item name: Super Glue. Users often mention: gel. Focus on the overall appearance."
 INJECTED_REVIEWS = [
@@ -35,12 +46,22 @@ INJECTED_REVIEWS = [
 FEEDBACK = {"hit_count": 3, "avg_pos_rank": 41.5, "pos_top10_rate": 0.0, "wrong_hit_topK": 0}
 
 
-def request(feedback_type=UNDER_RANKED_POSITIVE, reviews=INJECTED_REVIEWS):
+def request(feedback_type=UNDER_RANKED_POSITIVE, reviews=INJECTED_REVIEWS, image=None):
     return build_critic_request(
         "B00CJ5EO2E", OLD, reviews, FEEDBACK, feedback_type,
         title="Gorilla Super Glue Gel, 15 Gram, Clear", category="Cyanoacrylate Adhesives",
-        keywords=["nozzle", "clear", "gel"],
+        keywords=["nozzle", "clear", "gel"], image=image,
     )
+
+
+def png(path, size=(40, 30), colour=(220, 30, 30)):
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def decoded(data_url):
+    assert data_url.startswith("data:image/jpeg;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
 
 
 # ---- parser -------------------------------------------------------------------------------
@@ -312,3 +333,128 @@ def test_hf_chat_critic_from_pretrained_path(tiny_causal_lm, tmp_path):
     critic = HFChatCritic.from_pretrained(str(tmp_path), dtype="float32", max_new_tokens=3)
     assert critic.name == f"hf:{tmp_path}@default"
     assert isinstance(critic.complete(request().messages()), str)
+
+
+# ---- critics that see the image ------------------------------------------------------------
+
+def test_critic_image_is_a_small_jpeg_or_a_logged_note(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="reveal_recbole.fve.critic")
+    url, note = critic_image(png(tmp_path / "red.png"), "red")
+    assert note == "attached" and decoded(url).size == (40, 30)
+    assert decoded(url).convert("RGB").getpixel((20, 15))[0] > 180  # still red
+    url, _ = critic_image(png(tmp_path / "big.png", size=(2000, 1000)), "big")
+    assert decoded(url).size == (MAX_CRITIC_IMAGE_SIDE, MAX_CRITIC_IMAGE_SIDE // 2)
+    (tmp_path / "bad.png").write_bytes(b"<html>not an image</html>")
+    for source, item, why in [(None, "none", "no image"), (tmp_path / "absent.png", "absent", "No such file"),
+                              (tmp_path / "bad.png", "bad", "not a readable image"), (b"", "empty", "empty")]:
+        url, note = critic_image(source, item)
+        assert url == "" and why in note
+        assert f"item {item}: " in caplog.text and "text-only" in caplog.text
+
+
+def test_request_with_image_keeps_the_sanitised_text(tmp_path):
+    seeing = request(image=png(tmp_path / "red.png"))
+    assert seeing.image_note == "attached" and "base64" not in repr(seeing)
+    assert request().messages() == seeing.messages()  # text-only rendering is unchanged
+    system, user = seeing.messages(include_image=True)
+    assert system == request().messages()[0]
+    image_part, text_part = user["content"]
+    assert image_part["type"] == "image_url" and decoded(image_part["image_url"]["url"]).size == (40, 30)
+    assert text_part["type"] == "text" and IMAGE_LINE in text_part["text"]
+    assert text_part["text"].replace(IMAGE_LINE + "\n", "") == request().messages()[1]["content"]
+    assert "buy now" not in text_part["text"]  # the sanitiser is still in the path
+    blind = request(image=tmp_path / "absent.png")
+    assert blind.image_url == "" and blind.messages(include_image=True) == request().messages()
+
+
+def test_openai_compatible_critic_sends_the_image(server, tmp_path, caplog):
+    critic = OpenAICompatibleCritic(server.url, "tiny-vlm", api_key_env=None, timeout=5, backoff_s=0)
+    server.answer("ANALYSIS: the cap is red.\nNEW_PROMPT: A clear gel glue tube with a red cap.")
+    assert critic.critique(request(image=png(tmp_path / "red.png"))).accepted
+    content = server.requests[0][2]["messages"][1]["content"]
+    assert [part["type"] for part in content] == ["image_url", "text"]
+    assert decoded(content[0]["image_url"]["url"]).size == (40, 30)
+    assert "buy now" not in content[1]["text"] and "\x1b" not in content[1]["text"]
+
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    server.answer("NEW_PROMPT: A red tube.")
+    reply = critic.critique(request(image=tmp_path / "bad.png"))  # text-only request, no crash
+    assert reply.accepted and isinstance(server.requests[1][2]["messages"][1]["content"], str)
+    assert "item B00CJ5EO2E: image not sent" in caplog.text
+
+
+def test_vision_chat_turns_parts_into_template_parts_and_images(tmp_path, caplog):
+    system, user = request(image=png(tmp_path / "red.png")).messages(include_image=True)
+    conversation, images = vision_chat([system, user])
+    assert conversation[0]["content"] == [{"type": "text", "text": system["content"]}]
+    assert [part["type"] for part in conversation[1]["content"]] == ["image", "text"]
+    assert len(images) == 1 and images[0].size == (40, 30)
+    broken = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,AAAA"}}]}
+    assert vision_chat([broken]) == ([{"role": "user", "content": []}], [])
+    assert "could not be decoded" in caplog.text
+
+
+class QwenChatProcessor(QwenLikeProcessor):
+    """The Qwen-like processor of test_fve_extract with a generation prompt and text-only calls."""
+
+    template = QwenLikeProcessor.template + "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=tokenize, add_generation_prompt=add_generation_prompt
+        )
+
+    def __call__(self, text, images=None, padding=True, return_tensors="pt"):
+        if images is None:
+            return self.tokenizer(text, padding=padding, return_tensors=return_tensors)
+        return super().__call__(text, images, padding, return_tensors)
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm():
+    """A random 1-layer Qwen2.5-VL built from a config and a Qwen-like processor: no download."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    specials = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = bpe_tokenizer(specials)
+    ids = dict(zip(specials, tokenizer.convert_tokens_to_ids(specials)))
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=8,
+                           fullatt_block_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    image_processor = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                            min_pixels=16 * 16, max_pixels=32 * 32)
+    return Qwen2_5_VLForConditionalGeneration(config), QwenChatProcessor(image_processor, tokenizer), ids
+
+
+def test_hf_vision_critic_sees_the_image(tiny_vlm, tmp_path, monkeypatch):
+    model, processor, ids = tiny_vlm
+    critic = HFVisionCritic(model, processor, max_new_tokens=3, name="tiny-qwen")
+    assert critic.sees_images and critic.name == "tiny-qwen"
+    seen, generate = [], model.generate
+
+    def spy(**inputs):
+        seen.append(inputs)
+        return generate(**inputs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    with_image = request(image=png(tmp_path / "red.png", size=(32, 32)))
+    reply = critic.critique(with_image)  # random weights: gibberish, so the old prompt is kept
+    assert reply.prompt == OLD or reply.accepted
+    assert "pixel_values" in seen[0] and seen[0]["image_grid_thw"].tolist() == [[1, 8, 8]]
+    assert (seen[0]["input_ids"] == ids["<|image_pad|>"]).sum() == 16  # 8 x 8 patches, merged 2 x 2
+    critic.critique(request(image=tmp_path / "absent.png"))  # no image: the same model, text only
+    assert "pixel_values" not in seen[1] and not (seen[1]["input_ids"] == ids["<|image_pad|>"]).any()
+
+    answer = processor.tokenizer("NEW_PROMPT: A red glue tube.", return_tensors="pt")["input_ids"]
+    monkeypatch.setattr(model, "generate", lambda **inputs: torch.cat([inputs["input_ids"], answer], dim=1))
+    reply = critic.critique(with_image)
+    assert reply.accepted and reply.prompt == "A red glue tube."

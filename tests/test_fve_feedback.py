@@ -193,3 +193,21 @@ def test_collect_valid_feedback_refuses_a_train_loader(tiny_sasrec):
     _, model, train_data, _ = tiny_sasrec
     with pytest.raises(TypeError, match="validation FullSortEvalDataLoader"):
         collect_valid_feedback(model, train_data)
+
+
+def test_target_ranks_give_recboles_per_user_metrics(tiny_sasrec):
+    """The feedback pass keeps every validation user's target rank; their mean NDCG@10 and Recall@10
+    are RecBole's (fve.keep tests the per-user values)."""
+    from recbole.trainer import Trainer
+
+    from reveal_recbole.fve.keep import user_metric
+
+    config, model, train_data, valid_data = tiny_sasrec
+    targets = collect_valid_feedback(model, valid_data).targets
+    assert targets.n_rows == len(targets) == 12 and sorted(targets.row.tolist()) == list(range(12))
+    users = valid_data._dataset.field2id_token["user_id"][targets.users]
+    assert sorted(users.tolist()) == sorted(f"u{u}" for u in range(12))
+    assert collect_valid_feedback(model, valid_data).targets.rank.tolist() == targets.rank.tolist()  # same pass
+    result = Trainer(config, model).evaluate(valid_data, load_best_model=False)
+    assert user_metric(targets, "ndcg", 10).mean() == pytest.approx(result["ndcg@10"], abs=1e-4)
+    assert user_metric(targets, "recall", 10).mean() == pytest.approx(result["recall@10"], abs=1e-4)

@@ -1,8 +1,10 @@
 """The FVE loop end to end on the tiny set with tiny Pillow images, a stand-in encoder and the offline critic.
 
-Checked: keep/discard decisions, the validation split as the only decision input, the prompt
-history, re-extraction of changed prompts only, resume after a crash, and reuse of the saved
-features by a plain run. Also the image/metadata/review sources and the backend factories.
+Checked: keep/discard decisions (the paired test's numbers in the round summary), the
+validation split as the only decision input, the prompt history, re-extraction of changed
+prompts only, resume after a crash, reuse of the saved features by a plain run, no critic and
+no retraining for an encoder that ignores prompts, the item image for a critic that sees
+images. Also the image/metadata/review sources and the backend factories.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from reveal_recbole.fve.sources import ItemImageSource, ItemText, read_item_text
 from reveal_recbole.quick_start import run_reveal
 from reveal_recbole.trainer import REVEALTrainer
 
-from conftest import load_script
+from conftest import TINY_USERS, load_script
 
 DATASET = "scientific"
 NO_IMAGE = 3  # the first items of the .inter file get no image: the fallback vector
@@ -90,17 +92,35 @@ def fve_config(tiny_config, tmp_path) -> dict:
 
 @pytest.fixture
 def forced_scores(monkeypatch):
-    """Validation scores shifted per round so the decisions are known: round 1 kept, round 2 discarded."""
+    """Validation scores shifted per round so the decisions are known: round 1's model gains 1 in every
+    validation user's metric (kept), round 2's loses 1 (discarded); the valid scores move alike."""
     shift = {1: 1.0, 2: -1.0}
-    train = FVERun.train
+    train, round_user_scores = FVERun.train, FVERun.round_user_scores
 
     def shifted(self, round_index, features):
         result = train(self, round_index, features)
         result.valid_score += shift.get(round_index, 0.0)
         return result
 
+    def shifted_users(self, features, model_file):
+        round_index = int(Path(model_file).parent.name.split("-")[1])  # <output>/round-NNN/<model file>
+        return round_user_scores(self, features, model_file) + shift.get(round_index, 0.0)
+
     monkeypatch.setattr(FVERun, "train", shifted)
+    monkeypatch.setattr(FVERun, "round_user_scores", shifted_users)
     return shift
+
+
+class CountingCritic(OfflineCritic):
+    """The offline critic, counting its calls and keeping the requests; ``sees_images`` as asked."""
+
+    def __init__(self, sees_images: bool = False):
+        super().__init__()
+        self.sees_images, self.requests = sees_images, []
+
+    def critique(self, request):
+        self.requests.append(request)
+        return super().critique(request)
 
 
 @pytest.fixture
@@ -142,9 +162,18 @@ def test_two_rounds_keep_discard_history_cache_and_reuse(fve_config, tmp_path, f
     assert result["kept_round"] == 1 and result["best_valid_score"] == rounds[1]["valid_score"]
     assert set(result["test_result"]) >= {"recall@10", "ndcg@10"}
 
+    # the keep decisions: a paired test over every validation user, its numbers in the round summary
+    kept_test, discarded_test = rounds[1]["keep_test"], rounds[2]["keep_test"]
+    assert kept_test["users"] == discarded_test["users"] == TINY_USERS
+    assert kept_test["gain"] > 0.9 and kept_test["p_value"] < 1e-6 and kept_test["alpha"] == 0.05
+    assert kept_test["metric"] == "ndcg@10" and "<= alpha 0.05" in rounds[1]["reason"]
+    assert discarded_test["gain"] < -0.9 and "not above the margin" in rounds[2]["reason"]
+    assert rounds[0]["round"] == 0 and "keep_test" not in rounds[0]
+
     # the validation split steers everything; the test split is evaluated once, at the very end
     train_data, valid_data, test_data = spies["splits"]
-    assert len(spies["feedback"]) == 2 and all(loader is valid_data for loader in spies["feedback"])
+    assert len(spies["feedback"]) == 4  # per round: the kept model's feedback, then the new model's users
+    assert all(loader is valid_data for loader in spies["feedback"])
     assert spies["evaluate"][-1] is test_data
     assert all(loader is valid_data for loader in spies["evaluate"][:-1])
 
@@ -218,7 +247,7 @@ def test_resume_after_a_crash_recomputes_no_finished_round(fve_config, tmp_path,
         run_fve("SASRecREVEAL", DATASET, rounds=2, config_dict=fve_config, encoder=blind, output_dir=output)
 
 
-def test_prompt_blind_encoder_rounds_are_not_retrained(fve_config, tmp_path, monkeypatch):
+def test_prompt_blind_encoder_calls_no_critic_and_trains_nothing(fve_config, tmp_path, monkeypatch, spies):
     trained, train = [], FVERun.train
 
     def record(self, round_index, features):
@@ -226,12 +255,35 @@ def test_prompt_blind_encoder_rounds_are_not_retrained(fve_config, tmp_path, mon
         return train(self, round_index, features)
 
     monkeypatch.setattr(FVERun, "train", record)
-    encoder = PromptBlindEncoder()
-    result = run_fve("SASRecREVEAL", DATASET, rounds=1, config_dict=fve_config, encoder=encoder,
-                     critic=OfflineCritic(), output_dir=tmp_path / "blind")
+    encoder, critic = PromptBlindEncoder(), CountingCritic()
+    result = run_fve("SASRecREVEAL", DATASET, rounds=2, config_dict=fve_config, encoder=encoder,
+                     critic=critic, output_dir=tmp_path / "blind")
+    assert critic.requests == [] and spies["feedback"] == []  # no feedback, no critic
     assert trained == [0] and result["kept_round"] == 0
-    assert not result["rounds"][1]["trained"] and "unchanged" in result["rounds"][1]["reason"]
+    assert [(r["trained"], r["kept"], r["reason"]) for r in result["rounds"][1:]] == [
+        (False, False, loop.PROMPT_BLIND)] * 2
     assert encoder.encoded == len(item_tokens(Path(fve_config["data_path"]))) - NO_IMAGE
+    assert [r["round"] for r in history(tmp_path / "blind")] == [0] * len(item_tokens(Path(fve_config["data_path"])))
+
+
+def test_critic_that_sees_images_gets_each_hard_items_image(fve_config, tmp_path):
+    """fve_critic_image: items with a readable image go with it, the others text-only with a note."""
+    images = Path(fve_config["data_path"]) / DATASET / "images"
+    tokens = item_tokens(Path(fve_config["data_path"]))
+    (images / f"{tokens[NO_IMAGE]}.png").write_bytes(b"not a png")  # corrupt: logged, sent text-only
+    critic = CountingCritic(sees_images=True)
+    config = {**fve_config, "fve_critic_image": True, "fve_select_fraction": 1.0}
+    run_fve("SASRecREVEAL", DATASET, rounds=1, config_dict=config, encoder=StandInEncoder(), critic=critic,
+            output_dir=tmp_path / "seeing")
+    assert any(request.image_note == "attached" for request in critic.requests)
+    expected = {token: "no image" for token in tokens[:NO_IMAGE]}
+    expected[tokens[NO_IMAGE]] = "image not sent: not a readable image"
+    for request in critic.requests:
+        note = expected.get(request.item, "attached")
+        assert request.image_note.startswith(note), request.item
+        assert request.image_url.startswith("data:image/jpeg;base64,") == (note == "attached")
+    notes = {r["item"]: r["critic_image"] for r in history(tmp_path / "seeing") if r["round"] == 1}
+    assert notes == {request.item: request.image_note for request in critic.requests}
 
 
 def test_cli_dispatches_to_the_loop(fve_config, tmp_path, monkeypatch):
@@ -240,12 +292,14 @@ def test_cli_dispatches_to_the_loop(fve_config, tmp_path, monkeypatch):
     output = tmp_path / "cli"
     argv = ["run_reveal.py", "--model=SASRecREVEAL", f"--dataset={DATASET}", "--fve_rounds=1",
             f"--fve_output_dir={output}", "--fve_critic=offline", "--fve_select_fraction=0.1",
+            "--fve_critic_image=True",  # the offline critic cannot see images: said once, text only
             *(f"--{key}={value}" for key, value in fve_config.items() if key != "seed")]  # --seed reads as --seeds
     monkeypatch.setattr(sys, "argv", argv)
     cli.main(argv[1:])
     state = json.loads((output / loop.STATE_FILE).read_text(encoding="utf-8"))
     assert state["round"] == 1 and (output / "result.json").is_file()
-    assert len([r for r in history(output) if r["round"] == 1]) == state["rounds"][1]["hard_items"]
+    round_1 = [r for r in history(output) if r["round"] == 1]
+    assert len(round_1) == state["rounds"][1]["hard_items"] and not any("critic_image" in r for r in round_1)
 
 
 # ---- sources and prompts ------------------------------------------------------------------
@@ -292,10 +346,34 @@ def test_backend_factories_fail_with_one_clear_error(tmp_path, monkeypatch):
     assert isinstance(build_critic({**base, "fve_critic": "offline"}), OfflineCritic)
     with pytest.raises(FVEError, match="needs fve_critic_model"):
         build_critic({**base, "fve_critic": "hf"})
+    with pytest.raises(FVEError, match="could not load the hf-vlm critic"):
+        build_critic({**base, "fve_critic": "hf-vlm", "fve_critic_model": str(tmp_path)})  # empty local folder
     with pytest.raises(FVEError, match="needs fve_critic_base_url"):
         build_critic({**base, "fve_critic": "openai", "fve_critic_model": "m"})
     with pytest.raises(FVEError, match="REVEAL_TEST_NO_SUCH_KEY"):
         build_critic({**base, "fve_critic": "openai", "fve_critic_model": "m", "fve_critic_base_url": "http://x/v1"})
+
+
+def test_keep_settings_default_and_checked():
+    assert loop.keep_settings({"fve_keep_alpha": None, "fve_keep_margin": None}) == (0.05, 0.0)
+    assert loop.keep_settings({"fve_keep_alpha": 1, "fve_keep_margin": "0.01"}) == (1.0, 0.01)
+    for alpha, margin, message in [(0, 0, "fve_keep_alpha must be in"), (1.5, 0, "fve_keep_alpha must be in"),
+                                   (0.05, -1, "fve_keep_margin must be 0 or more"), ("often", 0, "must be numbers")]:
+        with pytest.raises(FVEError, match=message):
+            loop.keep_settings({"fve_keep_alpha": alpha, "fve_keep_margin": margin})
+
+
+def test_a_diverged_round_is_discarded_not_ranked():
+    from types import SimpleNamespace
+
+    def nan_scores(features, model_file):
+        raise ValueError("scores contain NaN; rank feedback needs comparable scores")
+
+    run = SimpleNamespace(metric="ndcg", metric_k=10, keep_alpha=0.05, keep_margin=0.0, round_user_scores=nan_scores)
+    cases = [(float("nan"), "validation score is NaN"), (0.1, "cannot be ranked: scores contain NaN")]
+    for valid_score, reason in cases:
+        decision = loop.decide(run, np.zeros(3), loop.RoundResult(valid_score, {}, Path("m.pth")), np.zeros((3, 2)))
+        assert not decision.keep and decision.users == 0 and reason in decision.reason
 
 
 def test_efficientnet_encoder_real_weights_ignore_the_prompt():

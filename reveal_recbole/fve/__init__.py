@@ -4,7 +4,8 @@ Each step of the method is a small function or class in its own module, so the F
 their composition: ``prompt`` (initial prompts), ``extract`` (prompt-conditioned
 image features; ``reveal_recbole.data.feature_cache`` recomputes only changed prompts), ``feedback``
 (per-item ranking statistics on the validation split), ``select`` (priority and the hard items), ``critic`` (rewritten
-prompts for the hard items), ``sources`` (item images, metadata and reviews on disk) and
+prompts for the hard items), ``keep`` (whether a round's validation gain is real: a paired test
+over the validation users), ``sources`` (item images, metadata and reviews on disk) and
 ``loop`` (:func:`run_fve`, the rounds, resumable). ``efficientnet`` is an offline image encoder
 with real weights that does not condition on the prompt. Model libraries (transformers,
 efficientnet) load only when a backend is built.
@@ -14,9 +15,11 @@ from reveal_recbole.fve.critic import (
     CriticReply,
     CriticRequest,
     HFChatCritic,
+    HFVisionCritic,
     OfflineCritic,
     OpenAICompatibleCritic,
     build_critic_request,
+    critic_image,
     parse_critic_output,
     sanitize_untrusted,
 )
@@ -29,7 +32,8 @@ from reveal_recbole.fve.extract import (
     extract_item_features,
     missing_image_vector,
 )
-from reveal_recbole.fve.feedback import RankFeedback, collect_valid_feedback, rank_feedback
+from reveal_recbole.fve.feedback import RankFeedback, TargetRanks, collect_valid_feedback, rank_feedback
+from reveal_recbole.fve.keep import KeepDecision, keep_round, paired_p_value, user_metric
 from reveal_recbole.fve.loop import FVEError, FVEState, build_critic, build_encoder, initial_prompts, run_fve
 from reveal_recbole.fve.prompt import DEFAULT_TEMPLATE, build_prompt, item_category, keyword_text, review_keywords
 from reveal_recbole.fve.select import (
@@ -52,28 +56,34 @@ __all__ = [
     "FVEError",
     "FVEState",
     "HFChatCritic",
+    "HFVisionCritic",
     "ImageEncoder",
     "ItemImage",
     "ItemImageSource",
     "ItemText",
+    "KeepDecision",
     "OVER_RANKED_NEGATIVE",
     "OfflineCritic",
     "OpenAICompatibleCritic",
     "RankFeedback",
+    "TargetRanks",
     "UNDER_RANKED_POSITIVE",
     "VLMPromptEncoder",
     "build_critic",
     "build_critic_request",
     "build_encoder",
     "build_prompt",
+    "critic_image",
     "collect_valid_feedback",
     "extract_item_features",
     "feedback_type",
     "initial_prompts",
     "item_category",
+    "keep_round",
     "keyword_text",
     "missing_image_vector",
     "observed_items",
+    "paired_p_value",
     "parse_critic_output",
     "priority",
     "rank_feedback",
@@ -82,4 +92,5 @@ __all__ = [
     "run_fve",
     "sanitize_untrusted",
     "select_hard_items",
+    "user_metric",
 ]

@@ -13,6 +13,8 @@ answers, even when fewer than K items are left.
 
 The statistics must come from the **validation** split (:func:`collect_valid_feedback`): the
 authors' code ranks the test split, which lets the test targets steer which prompts change.
+The same pass also keeps each target's rank by row (:class:`TargetRanks`), from which
+``fve.keep`` scores every validation user to decide whether a round's gain is real.
 """
 from __future__ import annotations
 
@@ -28,6 +30,19 @@ import torch
 TOP10, TOP20 = 10, 20
 
 Targets = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class TargetRanks:
+    """Every target's 1-based rank, by ranked row (a validation user): what per-user metrics need."""
+
+    row: np.ndarray  # int64, the row (0-based, in loader order) each target belongs to
+    rank: np.ndarray  # int64, its rank in that row
+    n_rows: int
+    users: np.ndarray | None = None  # (n_rows,) the row's user id, when the loader gives it
+
+    def __len__(self) -> int:
+        return len(self.rank)
 
 
 @dataclass
@@ -49,6 +64,7 @@ class RankFeedback:
     k: int
     exposure_k: int
     n_rows: int  # ranked rows (users, or sequences, of the split)
+    targets: TargetRanks | None = None  # per-row target ranks (not an item statistic)
 
     @property
     def n_items(self) -> int:
@@ -134,7 +150,8 @@ class RankFeedbackAccumulator:
     """Accumulates :class:`RankFeedback` over batches of full-ranking scores.
 
     Counts and rank sums are float64 numpy arrays (exact for any realistic count), so memory is
-    O(n_items) whatever the number of users; a batch needs a few temporaries of its size.
+    O(n_items) plus two integers per target (its row and rank, for per-user metrics); a batch
+    needs a few temporaries of its size.
     """
 
     NAMES = (
@@ -148,20 +165,29 @@ class RankFeedbackAccumulator:
         self.n_items, self.k, self.exposure_k = n_items, k, exposure_k
         self.n_rows = 0
         self._sums = {name: np.zeros(n_items) for name in self.NAMES}
+        self._target_rows: list[np.ndarray] = []
+        self._target_ranks: list[np.ndarray] = []
+        self._users: list[np.ndarray] = []
 
     def _add(self, name: str, items: np.ndarray, weights: np.ndarray) -> None:
         self._sums[name] += np.bincount(items.ravel(), weights.ravel(), minlength=self.n_items)
 
-    def update(self, scores: torch.Tensor, targets: Targets) -> None:
+    def update(self, scores: torch.Tensor, targets: Targets, users: torch.Tensor | None = None) -> None:
         """Add one batch: ``scores`` is ``(rows, n_items)``; ``targets`` one item id per row, or
-        ``(positive_u, positive_i)`` pairs (row index, item id) as RecBole's eval loaders give them."""
+        ``(positive_u, positive_i)`` pairs (row index, item id) as RecBole's eval loaders give them;
+        ``users`` (optional) the user id of each row, kept with the target ranks."""
         if scores.dim() != 2 or scores.shape[1] != self.n_items:
             raise ValueError(f"scores must have shape (rows, {self.n_items}), got {tuple(scores.shape)}")
         n_rows = scores.shape[0]
         rows, items = (pair.cpu().numpy() for pair in _as_pairs(targets, n_rows, torch.device("cpu")))
         keys = ranking_keys(scores)
 
-        ranks = _ranks(keys, rows, items).astype(np.float64)  # before _top_items sorts the keys
+        row_ranks = _ranks(keys, rows, items)  # before _top_items sorts the keys
+        self._target_rows.append(rows.astype(np.int64) + self.n_rows)
+        self._target_ranks.append(row_ranks.astype(np.int64))
+        if users is not None:
+            self._users.append(users.detach().cpu().numpy().astype(np.int64).reshape(n_rows))
+        ranks = row_ranks.astype(np.float64)
         self._add("hit", items, np.ones_like(ranks))
         self._add("pos_rank", items, ranks)
         self._add("pos_top10", items, ranks <= TOP10)
@@ -207,6 +233,20 @@ class RankFeedbackAccumulator:
             k=self.k,
             exposure_k=self.exposure_k,
             n_rows=self.n_rows,
+            targets=self.target_ranks(),
+        )
+
+    def target_ranks(self) -> TargetRanks:
+        """Every target's rank so far, by row (row numbers count across batches)."""
+        empty = np.zeros(0, dtype=np.int64)
+        users = np.concatenate(self._users) if self._users else None
+        if users is not None and len(users) != self.n_rows:  # some batches came without user ids
+            users = None
+        return TargetRanks(
+            row=np.concatenate(self._target_rows) if self._target_rows else empty,
+            rank=np.concatenate(self._target_ranks) if self._target_ranks else empty,
+            n_rows=self.n_rows,
+            users=users,
         )
 
 
@@ -252,6 +292,7 @@ def collect_valid_feedback(
     FVE; pass the test loader and the test targets would choose the prompts to rewrite (the
     leak in the authors' code). Scores come from ``model.full_sort_predict``, masked as RecBole
     masks them for its metrics (:func:`mask_history`). The model's train/eval mode is restored.
+    The result's ``targets`` holds each row's target ranks and user id (for ``fve.keep``).
     """
     from recbole.data.dataloader import FullSortEvalDataLoader
     from tqdm import tqdm
@@ -263,6 +304,7 @@ def collect_valid_feedback(
         )
     device = next(model.parameters()).device
     accumulator = RankFeedbackAccumulator(valid_data._dataset.item_num, k, exposure_k)
+    uid_field = valid_data._dataset.uid_field
     was_training = model.training
     model.eval()
     try:
@@ -270,7 +312,8 @@ def collect_valid_feedback(
             valid_data, desc="rank feedback (valid)", disable=not show_progress
         ):
             scores = model.full_sort_predict(interaction.to(device)).view(-1, accumulator.n_items)
-            accumulator.update(mask_history(scores, history_index), (positive_u, positive_i))
+            users = interaction[uid_field] if uid_field in interaction else None
+            accumulator.update(mask_history(scores, history_index), (positive_u, positive_i), users)
     finally:
         model.train(was_training)
     return accumulator.result()

@@ -5,15 +5,20 @@ prompt-conditioned image features and trains the recommender. Each later round:
 
 1. ranks all items for every **validation** user with the kept model (``collect_valid_feedback``);
 2. scores each item's priority and selects the hard items (top ``fve_select_fraction``);
-3. asks the critic for a new prompt for each hard item;
+3. asks the critic for a new prompt for each hard item (with the item's image when
+   ``fve_critic_image`` is set and the critic can see images);
 4. re-extracts the features, where only the changed prompts miss the feature cache;
-5. retrains with the same seed and batch order, and keeps the round only if the validation
-   score (``valid_metric``, NDCG@10 by default) improves; otherwise the previous prompts,
-   features and model stay.
+5. retrains with the same seed and batch order, ranks the validation users with the new model,
+   and keeps the round only if its per-user gain in ``valid_metric`` (NDCG@10 by default) over
+   the kept model is above ``fve_keep_margin`` and significant at ``fve_keep_alpha``
+   (``fve.keep``: a one-sided paired t-test); otherwise the previous prompts, features and
+   model stay.
 
 The test split makes no decision: it is evaluated once, with the kept model, after the last
 round, and only reported. A round whose prompts or features did not change is not retrained
-(it could not change the model) and counts as discarded.
+(it could not change the model) and counts as discarded. With an encoder that ignores prompts
+(``conditions_on_prompt = False``) no round can change a feature: rounds after round 0 call no
+critic and train nothing, and are recorded as "encoder ignores prompts".
 
 Everything a run produces lives in one output folder (``fve_output_dir``, default
 ``<checkpoint_dir>/fve-<dataset>-<time>/``):
@@ -57,7 +62,8 @@ from reveal_recbole.data.features import (
 from reveal_recbole.errors import ConfigError
 from reveal_recbole.fve.critic import Critic, OfflineCritic, build_critic_request
 from reveal_recbole.fve.extract import ImageEncoder, ItemImage, extract_item_features
-from reveal_recbole.fve.feedback import collect_valid_feedback
+from reveal_recbole.fve.feedback import RankFeedback, collect_valid_feedback
+from reveal_recbole.fve.keep import DEFAULT_ALPHA, DEFAULT_MARGIN, KeepDecision, keep_round, parse_metric, user_metric
 from reveal_recbole.fve.prompt import DEFAULT_TEMPLATE, build_prompt, item_category, keyword_text, review_keywords
 from reveal_recbole.fve.select import feedback_type, observed_items, priority, select_hard_items
 from reveal_recbole.fve.sources import ItemImageSource, ItemText, read_item_texts
@@ -78,8 +84,9 @@ INITIAL = "initial"  # the feedback type of round 0's rows: prompts built from m
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_VLM = "Qwen/Qwen2.5-VL-7B-Instruct"
 ENCODERS = ("clip", "vlm", "efficientnet", "efficientnet-onnx")
-CRITICS = ("offline", "hf", "openai")
+CRITICS = ("offline", "hf", "hf-vlm", "openai")
 KEYWORDS = 5  # review keywords per item, in the prompt and the critic request
+PROMPT_BLIND = "encoder ignores prompts"  # the reason recorded for the rounds of such an encoder
 
 
 class FVEError(ConfigError):
@@ -125,8 +132,8 @@ def build_encoder(config) -> ImageEncoder:
 
 def build_critic(config) -> Critic:
     """The critic named by ``fve_critic``, with ``fve_critic_model``, ``fve_critic_base_url``,
-    ``fve_critic_api_key_env``."""
-    from reveal_recbole.fve.critic import HFChatCritic, OpenAICompatibleCritic
+    ``fve_critic_api_key_env``; ``hf-vlm`` is a local vision-language model that sees the image."""
+    from reveal_recbole.fve.critic import HFChatCritic, HFVisionCritic, OpenAICompatibleCritic
 
     kind, model = config["fve_critic"] or "offline", config["fve_critic_model"]
     if kind not in CRITICS:
@@ -135,11 +142,12 @@ def build_critic(config) -> Critic:
         return OfflineCritic()
     if not model:
         raise FVEError(f"fve_critic={kind} needs fve_critic_model (a model name or path)")
-    if kind == "hf":
+    if kind in ("hf", "hf-vlm"):
+        critic_class = HFChatCritic if kind == "hf" else HFVisionCritic
         try:
-            return HFChatCritic.from_pretrained(model, device=str(config["device"]))
-        except OSError as error:
-            raise FVEError(f"could not load the critic model {model}: {error}") from None
+            return critic_class.from_pretrained(model, device=str(config["device"]))
+        except (OSError, ValueError) as error:
+            raise FVEError(f"could not load the {kind} critic model {model}: {' '.join(str(error).split())}") from None
     if not config["fve_critic_base_url"]:
         raise FVEError("fve_critic=openai needs fve_critic_base_url (e.g. http://localhost:8000/v1)")
     try:
@@ -250,6 +258,13 @@ class FVERun:
         self.template = config["fve_prompt_template"] or DEFAULT_TEMPLATE
         self.initial_prompts, self.keywords = initial_prompts(self.tokens, self.texts, self.template)
         self.fraction = float(config["fve_select_fraction"])
+        self.keep_alpha, self.keep_margin = keep_settings(config)
+        try:
+            self.metric, self.metric_k = parse_metric(config["valid_metric"])
+        except ValueError as error:
+            raise FVEError(str(error)) from None
+        self.critic_image = bool(config["fve_critic_image"])
+        self._told_text_only = False
 
     @staticmethod
     def _build_dataset(config) -> MultimodalSequentialDataset:
@@ -272,6 +287,22 @@ class FVERun:
         if self._critic is None:  # built on first use: a resumed run with no round left loads no LLM
             self._critic = build_critic(self.config)
         return self._critic
+
+    @property
+    def conditions_on_prompt(self) -> bool:
+        """Whether the encoder's features depend on the prompt (if not, no round can change them)."""
+        return bool(getattr(self.encoder, "conditions_on_prompt", True))
+
+    def send_images(self) -> bool:
+        """``fve_critic_image``, for a critic that can see images; said once when it cannot."""
+        if not self.critic_image:
+            return False
+        if getattr(self.critic, "sees_images", False):
+            return True
+        if not self._told_text_only:
+            logger.warning(f"fve_critic_image is set, but the critic {self.critic.name} cannot see images: text only")
+            self._told_text_only = True
+        return False
 
     def settings(self) -> dict[str, object]:
         return {"model": self.config["model"], "dataset": self.config["dataset"], "encoder": self.encoder.name}
@@ -332,15 +363,33 @@ class FVERun:
         checkpoint = load_checkpoint(model_file, map_location=self.config["device"])
         return build_model(self.config, self.train_data, checkpoint)
 
-    def better(self, score: float, best: float) -> bool:
-        if math.isnan(score):
-            return False
-        return score > best if self.config["valid_metric_bigger"] else score < best
+    # -- the keep decision
+    def valid_feedback(self, model) -> RankFeedback:
+        """The model's rank feedback on the validation split (with every user's target ranks)."""
+        return collect_valid_feedback(model, self.valid_data, show_progress=bool(self.config["show_progress"]))
+
+    def user_scores(self, stats: RankFeedback) -> np.ndarray:
+        """Per validation user, the ``valid_metric`` of the model behind ``stats``."""
+        return user_metric(stats.targets, self.metric, self.metric_k)
+
+    def round_user_scores(self, features: np.ndarray, model_file: Path) -> np.ndarray:
+        """Per validation user, the ``valid_metric`` of a round's best model (the checkpoint ``fit`` kept)."""
+        return self.user_scores(self.valid_feedback(self.load_model(features, model_file)))
+
+    def keep_decision(self, kept: np.ndarray, new: np.ndarray) -> KeepDecision:
+        """:func:`~reveal_recbole.fve.keep.keep_round` with this run's settings."""
+        return keep_round(
+            kept, new, self.keep_alpha, self.keep_margin, bool(self.config["valid_metric_bigger"]),
+            f"{self.metric}@{self.metric_k}",
+        )
 
     # -- one round of feedback and critique
-    def propose(self, model, prompts: Mapping[str, str], round_index: int) -> tuple[dict[str, str], list[dict]]:
-        """New prompts for the hard items of the validation feedback, and one history row per item."""
-        stats = collect_valid_feedback(model, self.valid_data, show_progress=bool(self.config["show_progress"]))
+    def propose(
+        self, stats: RankFeedback, prompts: Mapping[str, str], round_index: int
+    ) -> tuple[dict[str, str], list[dict]]:
+        """New prompts for the hard items of the kept model's validation feedback ``stats``, and one
+        history row per item."""
+        send_images = self.send_images()
         scores = priority(stats)
         hard = select_hard_items(scores.priority, self.fraction, observed_items(stats))
         new_prompts, rows = dict(prompts), []
@@ -357,15 +406,19 @@ class FVERun:
             request = build_critic_request(
                 token, prompts[token], text.reviews, feedback, kind, title=text.title,
                 category=item_category(text.categories), keywords=self.keywords.get(token, ()),
+                image=self.images.path(token) if send_images else None, attach_image=send_images,
             )
             reply = self.critic.critique(request)
             new_prompts[token] = reply.prompt
-            rows.append({
+            row = {
                 "round": round_index, "item": token, "old_prompt": prompts[token], "new_prompt": reply.prompt,
                 "feedback_type": kind, "priority": float(scores.priority[item_id]),
                 "critic_accepted": reply.accepted, "critic_reason": reply.reason,
                 "changed": reply.prompt != prompts[token],
-            })
+            }
+            if send_images:
+                row["critic_image"] = request.image_note
+            rows.append(row)
         return new_prompts, rows
 
 
@@ -413,6 +466,11 @@ def run_fve(
         log.info(f"FVE: resuming {output} after round {state.round} (kept round {state.kept_round})")
         kept_features = run.extract(state.prompts)  # every feature is in the cache
 
+    if state.round < rounds and not run.conditions_on_prompt:
+        log.warning(
+            f"FVE: the encoder {run.encoder.name} ignores prompts (conditions_on_prompt = False), so no round "
+            f"can change its features: rounds {state.round + 1}-{rounds} call no critic and train nothing"
+        )
     for round_index in range(state.round + 1, rounds + 1):
         kept_features = feedback_round(run, state, round_index, kept_features)
 
@@ -474,31 +532,35 @@ def start(run: FVERun) -> tuple[FVEState, np.ndarray]:
 def feedback_round(run: FVERun, state: FVEState, round_index: int, kept_features: np.ndarray) -> np.ndarray:
     """One feedback round; updates ``state`` (saved) and returns the features kept after it."""
     begin = time.perf_counter()
-    kept_model = run.load_model(kept_features, run.output / state.kept_model_file)
-    prompts, rows = run.propose(kept_model, state.prompts, round_index)
-    changed = sum(row["changed"] for row in rows)
     summary = {"round": round_index, "valid_score": None, "valid_result": None, "kept": False, "trained": False,
-               "hard_items": len(rows), "changed_prompts": changed}
+               "hard_items": 0, "changed_prompts": 0, "keep_test": None}
+    rows: list[dict] = []
     features = kept_features
-    if not changed:
-        summary["reason"] = "no prompt changed"
+    if not run.conditions_on_prompt:
+        summary["reason"] = PROMPT_BLIND  # said once by run_fve; no feedback, critic or training
     else:
-        features = run.extract(prompts)
-        if np.array_equal(features, kept_features):
-            summary["reason"] = (
-                "image features unchanged (the encoder ignores prompts, or no changed item has an image)"
-            )
+        kept_model = run.load_model(kept_features, run.output / state.kept_model_file)
+        stats = run.valid_feedback(kept_model)
+        prompts, rows = run.propose(stats, state.prompts, round_index)
+        summary.update(hard_items=len(rows), changed_prompts=sum(row["changed"] for row in rows))
+        if not summary["changed_prompts"]:
+            summary["reason"] = "no prompt changed"
         else:
-            trained = run.train(round_index, features)
-            summary.update(trained=True, valid_score=trained.valid_score, valid_result=trained.valid_result)
-            if run.better(trained.valid_score, state.best_valid_score):
-                summary.update(kept=True, reason="validation improved")
-                run.save_features(features)
-                state.kept_round, state.best_valid_score = round_index, trained.valid_score
-                state.kept_model_file = str(trained.model_file.relative_to(run.output))
-                state.prompts = prompts
+            features = run.extract(prompts)
+            if np.array_equal(features, kept_features):
+                summary["reason"] = "image features unchanged (no changed item has an image)"
             else:
-                summary["reason"] = "validation did not improve"
+                trained = run.train(round_index, features)
+                summary.update(trained=True, valid_score=trained.valid_score, valid_result=trained.valid_result)
+                decision = decide(run, run.user_scores(stats), trained, features)
+                summary.update(kept=decision.keep, reason=decision.reason)
+                if decision.users:
+                    summary["keep_test"] = decision.as_dict()
+                if decision.keep:
+                    run.save_features(features)
+                    state.kept_round, state.best_valid_score = round_index, trained.valid_score
+                    state.kept_model_file = str(trained.model_file.relative_to(run.output))
+                    state.prompts = prompts
     summary["seconds"] = time.perf_counter() - begin
     for row in rows:
         row["kept"] = summary["kept"] and row["changed"]
@@ -508,7 +570,44 @@ def feedback_round(run: FVERun, state: FVEState, round_index: int, kept_features
     state.save(run.output)
     score = "-" if summary["valid_score"] is None else f"{summary['valid_score']:.4f}"
     logger.info(
-        f"FVE round {round_index}: {len(rows)} hard items, {changed} prompts changed, valid {score}, "
-        f"{'kept' if summary['kept'] else 'discarded'} ({summary['reason']}); best {state.best_valid_score:.4f}"
+        f"FVE round {round_index}: {len(rows)} hard items, {summary['changed_prompts']} prompts changed, "
+        f"valid {score}, {'kept' if summary['kept'] else 'discarded'} ({summary['reason']}); "
+        f"best {state.best_valid_score:.4f}"
     )
     return features if summary["kept"] else kept_features
+
+
+def decide(run: FVERun, kept_scores: np.ndarray, trained: RoundResult, features: np.ndarray) -> KeepDecision:
+    """The keep decision for a trained round: the paired test of its best model against the kept one.
+
+    A round whose validation score is not a number is discarded without ranking (its scores
+    would not rank), as is one whose model gives NaN scores.
+    """
+    metric = f"{run.metric}@{run.metric_k}"
+
+    def discard(reason: str) -> KeepDecision:
+        return KeepDecision(False, math.nan, math.nan, 0, metric, math.nan, math.nan,
+                            run.keep_alpha, run.keep_margin, reason)
+
+    if math.isnan(trained.valid_score):
+        return discard("validation score is NaN")
+    try:
+        new_scores = run.round_user_scores(features, trained.model_file)
+    except ValueError as error:  # NaN scores from a diverged model
+        return discard(f"the round's model cannot be ranked: {error}")
+    return run.keep_decision(kept_scores, new_scores)
+
+
+def keep_settings(config) -> tuple[float, float]:
+    """``fve_keep_alpha`` and ``fve_keep_margin`` (defaults 0.05 and 0), checked."""
+    alpha = DEFAULT_ALPHA if config["fve_keep_alpha"] is None else config["fve_keep_alpha"]
+    margin = DEFAULT_MARGIN if config["fve_keep_margin"] is None else config["fve_keep_margin"]
+    try:
+        alpha, margin = float(alpha), float(margin)
+    except (TypeError, ValueError):
+        raise FVEError(f"fve_keep_alpha and fve_keep_margin must be numbers, got {alpha!r} and {margin!r}") from None
+    if not 0 < alpha <= 1:
+        raise FVEError(f"fve_keep_alpha must be in (0, 1] (1: keep any gain above the margin), got {alpha}")
+    if not margin >= 0:
+        raise FVEError(f"fve_keep_margin must be 0 or more, got {margin}")
+    return alpha, margin
