@@ -1,0 +1,35 @@
+"""Patch-weight heatmaps of the items whose prompt a tiny FVE run (aligned encoder, stand-in networks) changed."""
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from reveal_recbole.fve.critic import OfflineCritic
+from reveal_recbole.fve.heatmaps import HeatmapError, changed_prompts, write_heatmaps
+from reveal_recbole.fve.loop import run_fve
+
+from test_fve_aligned import tiny_encoder
+from test_fve_loop import DATASET, fve_config  # noqa: F401 - the tiny FVE set (a fixture)
+
+
+def test_heatmaps_of_a_tiny_run_are_written(fve_config, tmp_path):  # noqa: F811
+    output = tmp_path / "fve"
+    encoder = tiny_encoder()
+    run_fve("SASRecREVEAL", DATASET, rounds=1, config_dict=fve_config, encoder=encoder, critic=OfflineCritic(),
+            output_dir=output)
+    changes = changed_prompts(output)
+    assert changes and all(c.round == 1 and c.initial != c.final for c in changes)
+    images = Path(fve_config["data_path"]) / DATASET / "images"
+    png = write_heatmaps(output, encoder, images, max_items=3)
+    assert png == output / "heatmaps.png"
+    with Image.open(png) as drawn:
+        assert drawn.format == "PNG" and drawn.size[1] > drawn.size[0]  # 3 rows of 2 panels
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "prompt_history.jsonl").write_text(json.dumps(
+        {"round": 0, "item": "a", "old_prompt": None, "new_prompt": "p", "changed": True, "kept": True}) + "\n")
+    with pytest.raises(HeatmapError, match="no item with an image"):
+        write_heatmaps(tmp_path / "empty", encoder, images)
+    with pytest.raises(HeatmapError, match="does not exist"):
+        changed_prompts(tmp_path / "nowhere")
