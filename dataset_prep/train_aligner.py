@@ -10,13 +10,16 @@ Input: a captioned image folder, a TSV of ``image path<TAB>caption`` (paths rela
 folder; an optional ``image<TAB>caption`` header). Missing or corrupt images are logged and
 skipped, empty captions skipped and counted; no usable pair at all is one clear error. Or
 ``--generate N``: N captioned images drawn here (coloured, textured shapes with captions such
-as "a striped red star") with ``--generate-seed``, never the recommendation items' own labels.
+as "a striped red star"; half of them scenes of two or three shapes, the caption naming one)
+with ``--generate-seed``, never the recommendation items' own images or labels.
 
 The frozen networks run once: their outputs (patch maps as float16, caption embeddings) are
 cached in ``--out`` under a digest of the images, captions and encoder names, and training
 touches only the head. Training is deterministic for a seed; after every epoch a checkpoint
 (head, optimiser, losses) is written atomically to ``<out>/checkpoint.pt``, and a rerun with the
 same data and settings resumes from it, reaching the same head as an uninterrupted run.
+``--holdout`` (10 %) of the pairs are kept out of training; their contrastive loss and caption-to-image
+retrieval accuracy (within batches) are logged after every epoch and saved with the head (reported only).
 The result is ``<out>/aligner.pt``: point ``fve_aligner_path`` at it.
 
 Usage::
@@ -37,6 +40,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from dataset_prep.common import progress
 from dataset_prep.make_synthetic import SHAPES, TEXTURES, draw_item, hue_colour, png_bytes
@@ -68,20 +72,46 @@ class AlignerDataError(UserInputError, ValueError):
 
 
 # ----------------------------------------------------------------------------- captioned images
-def generate_captioned(out: Path, count: int, seed: int = DEFAULT_GENERATE_SEED, size: int = 64) -> Path:
+def _random_look(rng: np.random.Generator) -> tuple[str, float, str, str]:
+    colour, hue = COLOURS[int(rng.integers(len(COLOURS)))]
+    return colour, hue, SHAPES[int(rng.integers(len(SHAPES)))], TEXTURES[int(rng.integers(len(TEXTURES)))]
+
+
+def _draw(look: tuple[str, float, str, str], size: int, rng: np.random.Generator) -> Image.Image:
+    _, hue, shape, texture = look
+    return draw_item(hue_colour(hue + rng.uniform(-8, 8), rng), shape, texture, size, rng, pixel_noise=6.0)
+
+
+def generate_captioned(out: Path, count: int, seed: int = DEFAULT_GENERATE_SEED, size: int = 64,
+                       scenes: float = 0.5) -> Path:
     """Draw ``count`` captioned images into ``out`` (``images/`` and ``captions.tsv``); returns the TSV.
 
-    Each image is a shape of a named colour (hue jittered around it) and a texture, drawn by
-    make_synthetic's :func:`draw_item`; its caption names the three ("a striped red star").
+    Each caption names a shape's texture, colour and kind ("a striped red star"), drawn by
+    make_synthetic's :func:`draw_item`. A fraction ``1 - scenes`` of the images show that shape
+    alone; the others are scenes: a 2 x 2 layout with the captioned shape in one cell and one or
+    two other shapes (another colour and kind) in others, so that matching the caption needs
+    finding the region it describes, which is what prompt-conditioned pooling does.
     """
     rng = np.random.default_rng(seed)
     rows = ["image\tcaption"]
     for index in range(count):
-        colour, hue = COLOURS[int(rng.integers(len(COLOURS)))]
-        shape, texture = SHAPES[int(rng.integers(len(SHAPES)))], TEXTURES[int(rng.integers(len(TEXTURES)))]
-        image = draw_item(hue_colour(hue + rng.uniform(-8, 8), rng), shape, texture, size, rng, pixel_noise=6.0)
+        look = _random_look(rng)
+        if rng.random() >= scenes:
+            image = _draw(look, size, rng)
+        else:
+            half = size // 2
+            image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(215, 256, 3)))
+            cells = rng.permutation(4)[: int(rng.integers(2, 4))]  # the captioned shape and 1-2 others
+            others = []
+            while len(others) < len(cells) - 1:
+                other = _random_look(rng)
+                if other[0] != look[0] and other[2] != look[2]:
+                    others.append(other)
+            for cell, drawn in zip(cells, [look, *others]):
+                image.paste(_draw(drawn, half, rng), (int(cell % 2) * half, int(cell // 2) * half))
         relative = f"images/{index:05d}.png"
         atomic_write_bytes(out / relative, png_bytes(image))
+        colour, _, shape, texture = look
         rows.append(f"{relative}\ta {TEXTURE_WORDS[texture]} {colour} {shape}")
     tsv = out / "captions.tsv"
     atomic_write_text(tsv, "\n".join(rows) + "\n")
@@ -118,9 +148,10 @@ def read_pairs(tsv: Path) -> tuple[list[tuple[Path, str]], PairCounts]:
 def frozen_outputs(
     pairs: Sequence[tuple[Path, str]], counts: PairCounts, backbone: PatchBackbone, text_encoder: SentenceEncoder,
     cache_dir: Path, batch_size: int = 32,
-) -> tuple[np.ndarray, np.ndarray, str]:
+) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
     """Patch tokens ``(N, P, C)`` (as float16 values, float32 type) and caption embeddings ``(N, T)`` of the usable
-    pairs, and the data key; read from ``cache_dir`` when this data and these encoders were encoded before."""
+    pairs, the data key and the usable pairs' captions; read from ``cache_dir`` when this data and these encoders
+    were encoded before."""
     usable: list[tuple[bytes, str]] = []
     digest = hashlib.sha256(f"{backbone.name}\n{text_encoder.name}\n".encode())
     for path, caption in pairs:
@@ -140,6 +171,7 @@ def frozen_outputs(
         digest.update(hashlib.sha256(data).digest())
         digest.update(caption.encode("utf-8") + b"\n")
     counts.usable = len(usable)
+    caption_texts = [caption for _, caption in usable]
     if not usable:
         raise AlignerDataError(
             f"no usable (image, caption) pair: {counts.rows} rows, {counts.empty_captions} empty captions, "
@@ -150,7 +182,7 @@ def frozen_outputs(
     if cached.is_file():
         with np.load(cached) as stored:
             logger.info("frozen encoder outputs read from %s", cached)
-            return stored["patches"].astype(np.float32), stored["captions"].astype(np.float32), key
+            return stored["patches"].astype(np.float32), stored["captions"].astype(np.float32), key, caption_texts
     patches, texts = [], []
     starts = range(0, len(usable), batch_size)
     for start in progress(starts, desc="frozen encoders", total=len(starts), unit="batch"):
@@ -161,7 +193,7 @@ def frozen_outputs(
     patch_array, caption_array = np.concatenate(patches), np.concatenate(texts)
     with atomic_target(cached) as temporary, open(temporary, "wb") as handle:
         np.savez(handle, patches=patch_array, captions=caption_array)
-    return patch_array.astype(np.float32), caption_array, key
+    return patch_array.astype(np.float32), caption_array, key, caption_texts
 
 
 # ----------------------------------------------------------------------------- training
@@ -172,33 +204,72 @@ class TrainSettings:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 0
+    holdout: float = 0.1  # fraction of the pairs kept out of training, to report held-out loss and retrieval
+
+
+def holdout_split(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows): a seeded permutation's first ``round(count * fraction)`` rows are held
+    out (none when that is under 2: a contrastive batch needs two pairs)."""
+    order = np.random.default_rng(seed).permutation(count)
+    held = int(round(count * fraction))
+    held = held if 2 <= held <= count - 2 else 0
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def _batches(count: int, batch_size: int) -> list[slice]:
+    return [slice(s, s + batch_size) for s in range(0, count, batch_size) if min(count, s + batch_size) - s > 1]
 
 
 def epoch_loss(head: AlignmentHead, patches: torch.Tensor, captions: torch.Tensor, batch_size: int) -> float:
     """Mean contrastive loss over the data in fixed order (no update): what training lowers."""
     with torch.no_grad():
-        losses = [
-            float(contrastive_loss(head, patches[s:s + batch_size], captions[s:s + batch_size]))
-            for s in range(0, len(patches), batch_size) if len(patches[s:s + batch_size]) > 1
-        ]
+        losses = [float(contrastive_loss(head, patches[b], captions[b])) for b in _batches(len(patches), batch_size)]
     return float(np.mean(losses))
+
+
+def retrieval_accuracy(head: AlignmentHead, patches: torch.Tensor, captions: torch.Tensor, texts: Sequence[str],
+                       batch_size: int) -> float:
+    """Share of captions whose best-scoring image, among a batch of ``batch_size`` (fixed order), carries the
+    same caption text (chance: about 1 / batch_size for distinct captions)."""
+    hits = total = 0
+    with torch.no_grad():
+        for batch in _batches(len(patches), batch_size):
+            best = head.contrastive_logits(patches[batch], captions[batch]).argmax(dim=0).tolist()
+            names = list(texts[batch])
+            hits += sum(names[image] == names[caption] for caption, image in enumerate(best))
+            total += len(best)
+    return hits / max(total, 1)
 
 
 def train_head(
     patches: np.ndarray, captions: np.ndarray, out: Path, epochs: int, settings: TrainSettings, data_key: str,
-) -> tuple[AlignmentHead, list[float]]:
+    texts: Sequence[str] | None = None,
+) -> tuple[AlignmentHead, list[float], list[dict]]:
     """Train the head for ``epochs`` epochs in total, resuming from ``<out>/checkpoint.pt`` when it holds a
-    run of the same data and settings; returns the head and the loss (:func:`epoch_loss`) after each epoch.
+    run of the same data and settings; returns the head, the training loss (:func:`epoch_loss`) after each
+    epoch and the held-out loss and retrieval accuracy after each epoch (``settings.holdout`` of the pairs).
 
     Epoch ``e`` shuffles with a generator seeded by (seed, e), and the initial head comes from
     ``seed`` alone, so a resumed run continues exactly where the interrupted one stopped.
     """
-    patch_tensor, caption_tensor = torch.from_numpy(patches), torch.from_numpy(captions)
+    texts = np.asarray(list(texts) if texts is not None else [str(i) for i in range(len(patches))], dtype=object)
+    train_rows, held_rows = holdout_split(len(patches), settings.holdout, settings.seed)
+    patch_tensor, caption_tensor = torch.from_numpy(patches[train_rows]), torch.from_numpy(captions[train_rows])
+    held_patches, held_captions = torch.from_numpy(patches[held_rows]), torch.from_numpy(captions[held_rows])
+    held_texts = texts[held_rows]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         head = AlignmentHead(patches.shape[2], captions.shape[1], settings.dim)
     optimiser = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     losses: list[float] = []
+    held_out: list[dict] = []
+
+    def evaluate() -> dict:
+        if not len(held_rows):
+            return {}
+        return {"loss": epoch_loss(head, held_patches, held_captions, settings.batch_size),
+                "retrieval@1": retrieval_accuracy(head, held_patches, held_captions, held_texts, settings.batch_size)}
+
     checkpoint_path = out / CHECKPOINT
     identity = {"format": CHECKPOINT_FORMAT, "data": data_key, "settings": asdict(settings)}
     if checkpoint_path.is_file():
@@ -210,30 +281,32 @@ def train_head(
             )
         head.load_state_dict(checkpoint["head"])
         optimiser.load_state_dict(checkpoint["optimizer"])
-        losses = list(checkpoint["losses"])
+        losses, held_out = list(checkpoint["losses"]), list(checkpoint["held_out"])
         logger.info("resuming after epoch %d from %s", len(losses), checkpoint_path)
     else:
-        logger.info("initial loss %.4f", epoch_loss(head, patch_tensor, caption_tensor, settings.batch_size))
+        logger.info("%d training pairs, %d held out; before training: loss %.4f, held out %s", len(train_rows),
+                    len(held_rows), epoch_loss(head, patch_tensor, caption_tensor, settings.batch_size), evaluate())
     for epoch in range(len(losses), epochs):
         started = time.perf_counter()
-        order = torch.randperm(len(patches), generator=torch.Generator().manual_seed(settings.seed * 100_003 + epoch))
+        generator = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)
+        order = torch.randperm(len(train_rows), generator=generator)
         head.train()
-        for start in range(0, len(order), settings.batch_size):
-            rows = order[start:start + settings.batch_size]
-            if len(rows) < 2:  # a contrastive batch needs negatives
-                continue
+        for batch in _batches(len(order), settings.batch_size):  # a contrastive batch needs two pairs
+            rows = order[batch]
             loss = contrastive_loss(head, patch_tensor[rows], caption_tensor[rows])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
         head.eval()
         losses.append(epoch_loss(head, patch_tensor, caption_tensor, settings.batch_size))
+        held_out.append(evaluate())
         with atomic_target(checkpoint_path) as temporary:
-            torch.save({**identity, "head": head.state_dict(), "optimizer": optimiser.state_dict(), "losses": losses},
-                       temporary)
-        logger.info("epoch %d/%d: loss %.4f, scale %.1f (%.1f s)", epoch + 1, epochs, losses[-1],
-                    float(head.scale.detach()), time.perf_counter() - started)
-    return head, losses
+            torch.save({**identity, "head": head.state_dict(), "optimizer": optimiser.state_dict(), "losses": losses,
+                        "held_out": held_out}, temporary)
+        logger.info("epoch %d/%d: loss %.4f, held out %s, scale %.1f (%.1f s)", epoch + 1, epochs, losses[-1],
+                    {k: round(v, 4) for k, v in held_out[-1].items()}, float(head.scale.detach()),
+                    time.perf_counter() - started)
+    return head, losses, held_out
 
 
 def train_aligner(
@@ -244,13 +317,13 @@ def train_aligner(
     pairs, counts = read_pairs(Path(captions_tsv))
     if counts.empty_captions:
         logger.warning("skipped %d rows with an empty caption", counts.empty_captions)
-    patches, captions, key = frozen_outputs(pairs, counts, backbone, text_encoder, out, encode_batch_size)
-    head, losses = train_head(patches, captions, out, epochs, settings, key)
-    info = {"pairs": asdict(counts), "epochs": epochs, "losses": losses, "settings": asdict(settings),
-            "data": key, "captions": str(captions_tsv)}
+    patches, captions, key, texts = frozen_outputs(pairs, counts, backbone, text_encoder, out, encode_batch_size)
+    head, losses, held_out = train_head(patches, captions, out, epochs, settings, key, texts)
+    info = {"pairs": asdict(counts), "epochs": epochs, "losses": losses, "held_out": held_out,
+            "settings": asdict(settings), "data": key, "captions": str(captions_tsv)}
     path = save_aligner(out / ALIGNER, head, backbone.name, text_encoder.name, info)
-    logger.info("wrote %s (%d pairs used; loss %.4f -> %.4f)", path, counts.usable, losses[0] if losses else
-                float("nan"), losses[-1] if losses else float("nan"))
+    logger.info("wrote %s (%d pairs used; final loss %s, held out %s)", path, counts.usable,
+                losses[-1] if losses else None, held_out[-1] if held_out else None)
     return {"aligner": str(path), **info}
 
 
@@ -266,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--dim", type=int, default=DEFAULT_DIM)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--holdout", type=float, default=0.1, help="fraction of pairs held out (reported only)")
+    parser.add_argument("--scenes", type=float, default=0.5, help="--generate: fraction of multi-shape scenes")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -277,8 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.generate is not None:
             if args.generate < 2:
                 raise AlignerDataError("--generate needs at least 2 images")
-            tsv = generate_captioned(args.out / "captioned", args.generate, args.generate_seed)
-        settings = TrainSettings(args.dim, args.batch_size, args.lr, seed=args.seed)
+            tsv = generate_captioned(args.out / "captioned", args.generate, args.generate_seed, scenes=args.scenes)
+        settings = TrainSettings(args.dim, args.batch_size, args.lr, seed=args.seed, holdout=args.holdout)
         return train_aligner(tsv, args.out, EfficientNetPatches.from_package(device=args.device),
                              TextEncoder.from_pretrained(device=args.device), args.epochs, settings)
     except UserInputError as error:

@@ -18,6 +18,7 @@ from dataset_prep.train_aligner import (
     epoch_loss,
     frozen_outputs,
     generate_captioned,
+    holdout_split,
     read_pairs,
     train_aligner,
 )
@@ -151,22 +152,25 @@ def test_build_encoder_without_a_trained_aligner_names_the_command(tmp_path):
 
 def test_training_lowers_the_loss_and_resumes_to_the_uninterrupted_result(tmp_path):
     tsv = generate_captioned(tmp_path / "captioned", 24, seed=5, size=32)
-    settings = TrainSettings(dim=8, batch_size=8, lr=1e-2, seed=1)
+    settings = TrainSettings(dim=8, batch_size=8, lr=1e-2, seed=1, holdout=0.25)
     whole = train_aligner(tsv, tmp_path / "whole", TinyBackbone(), HashText(), epochs=4, settings=settings)
-    patches = np.load(next((tmp_path / "whole").glob("frozen-*.npz")))
+    frozen = np.load(next((tmp_path / "whole").glob("frozen-*.npz")))
+    train_rows, held_rows = holdout_split(24, 0.25, seed=1)
+    assert len(held_rows) == 6 and not set(train_rows) & set(held_rows)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         fresh = AlignmentHead(16, 12, 8)
-    initial = epoch_loss(fresh, torch.from_numpy(patches["patches"].astype(np.float32)),
-                         torch.from_numpy(patches["captions"]), settings.batch_size)
+    initial = epoch_loss(fresh, torch.from_numpy(frozen["patches"][train_rows].astype(np.float32)),
+                         torch.from_numpy(frozen["captions"][train_rows]), settings.batch_size)
     assert whole["losses"][-1] < initial
     assert whole["pairs"]["usable"] == 24
+    assert len(whole["held_out"]) == 4 and set(whole["held_out"][-1]) == {"loss", "retrieval@1"}
 
     interrupted = tmp_path / "interrupted"
     first = train_aligner(tsv, interrupted, TinyBackbone(), HashText(), epochs=2, settings=settings)
     assert first["losses"] == whole["losses"][:2]
     resumed = train_aligner(tsv, interrupted, TinyBackbone(), HashText(), epochs=4, settings=settings)
-    assert resumed["losses"] == whole["losses"]
+    assert resumed["losses"] == whole["losses"] and resumed["held_out"] == whole["held_out"]
     head_whole, _ = load_aligner(whole["aligner"])
     head_resumed, _ = load_aligner(resumed["aligner"])
     assert head_digest(head_whole) == head_digest(head_resumed)
@@ -186,11 +190,11 @@ def test_bad_pairs_are_skipped_and_counted(tmp_path, caplog):
     pairs, counts = read_pairs(tmp_path / "captions.tsv")
     assert counts.rows == 5 and counts.empty_captions == 1 and len(pairs) == 4
     with caplog.at_level("WARNING"):
-        patches, captions, _ = frozen_outputs(pairs, counts, TinyBackbone(), HashText(), tmp_path / "out")
-    assert patches.shape == (2, 16, 16) and captions.shape == (2, 12)
+        patches, captions, _, texts = frozen_outputs(pairs, counts, TinyBackbone(), HashText(), tmp_path / "out")
+    assert patches.shape == (2, 16, 16) and captions.shape == (2, 12) and texts == ["a red star", "a green square"]
     assert (counts.corrupt_images, counts.missing_images, counts.usable) == (1, 1, 2)
     assert "corrupt.png" in caplog.text and "missing.png" in caplog.text
-    cached, _, _ = frozen_outputs(pairs, read_pairs(tmp_path / "captions.tsv")[1], TinyBackbone(), HashText(),
+    cached, _, _, _ = frozen_outputs(pairs, read_pairs(tmp_path / "captions.tsv")[1], TinyBackbone(), HashText(),
                                   tmp_path / "out")
     np.testing.assert_array_equal(cached, patches)  # read back from the cache: the same values
 
