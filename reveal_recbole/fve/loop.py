@@ -102,10 +102,15 @@ def default_encoder_model(kind: str) -> str | None:
 
 def load_image_encoder(kind: str, name: str | None, device: str) -> ImageEncoder:
     """The encoder of ``kind`` (one of :data:`ENCODERS`); ``name``: a hub name or local path for
-    clip / vlm (default :func:`default_encoder_model`). Loading errors propagate to the caller."""
+    clip / vlm (default :func:`default_encoder_model`), the alignment head's file for aligned
+    (default :data:`DEFAULT_ALIGNER`). Loading errors propagate to the caller."""
     from reveal_recbole.fve.efficientnet import EfficientNetLiteEncoder
     from reveal_recbole.fve.extract import CLIPPromptEncoder, VLMPromptEncoder
 
+    if kind == "aligned":
+        from reveal_recbole.fve.aligned import AlignedPromptEncoder
+
+        return AlignedPromptEncoder.from_aligner(name or DEFAULT_ALIGNER, device=device)
     if kind == "clip":
         return CLIPPromptEncoder.from_pretrained(name or DEFAULT_CLIP, device=device)
     if kind == "vlm":
@@ -135,11 +140,9 @@ def build_encoder(config) -> ImageEncoder:
         raise FVEError(f"fve_encoder must be one of {ENCODERS}, got {kind!r}")
     if kind == "aligned":
         from reveal_recbole.errors import UserInputError
-        from reveal_recbole.fve.aligned import AlignedPromptEncoder
 
-        path = _optional(config, "fve_aligner_path") or DEFAULT_ALIGNER
         try:
-            return AlignedPromptEncoder.from_aligner(path, device=str(config["device"]))
+            return load_image_encoder(kind, _optional(config, "fve_aligner_path"), str(config["device"]))
         except UserInputError as error:  # no trained head, or no text model: the message says what to run
             raise FVEError(str(error)) from None
         except (OSError, ImportError) as error:
