@@ -2,7 +2,9 @@
 
 ``compare`` runs each ``Name`` or ``Name[key=value,...]`` spec once per seed through
 :func:`reveal_recbole.quick_start.run_reveal` and tables mean ± std per metric, the gain of each
-``XREVEAL`` over ``X``, the visual-utilisation drops and seconds per epoch.
+``XREVEAL`` over ``X``, the visual-utilisation drops and seconds per epoch; a second table splits
+the test targets into warm and cold (no training interaction, e.g. with ``cold_item_share``) and
+warm head / torso / tail (:mod:`reveal_recbole.target_buckets`), with their counts.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from reveal_recbole.errors import ConfigError, UserInputError
 from reveal_recbole.quick_start import run_reveal
 
 REPORT_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+BUCKET_METRICS = ("ndcg@10", "recall@20")
+TABLE_BUCKETS = ("all", "warm", "cold", "head", "torso", "tail")
 
 
 def parse_model_spec(spec: str) -> tuple[str, dict]:
@@ -52,6 +56,49 @@ def summarise(results: dict[str, list[dict]], metrics=REPORT_METRICS) -> list[di
             row[f"{modality}_masked_drop_ndcg@10"] = statistics.fmean(drops) if drops else None
         summary.append(row)
     return summary
+
+
+def summarise_buckets(results: dict[str, list[dict]], metrics=BUCKET_METRICS) -> list[dict]:
+    """Per model (runs with bucket results only): mean and std over seeds of each bucket's metrics, mean counts.
+
+    A bucket without targets in a run (``n`` = 0, metric None) is left out of that bucket's mean.
+    """
+    summary = []
+    for label, runs in results.items():
+        runs = [r for r in runs if r.get("buckets")]
+        if not runs:
+            continue
+        row = {"model": label, "seeds": len(runs)}
+        for bucket in TABLE_BUCKETS:
+            row[f"{bucket}_n"] = statistics.fmean(r["buckets"][bucket]["n"] for r in runs)
+            for metric in metrics:
+                values = [r["buckets"][bucket][metric] for r in runs if r["buckets"][bucket][metric] is not None]
+                row[f"{bucket}_{metric}"] = statistics.fmean(values) if values else None
+                row[f"{bucket}_{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary.append(row)
+    return summary
+
+
+def bucket_table(summary: list[dict], metrics=BUCKET_METRICS) -> list[list[str]]:
+    """Markdown/CSV rows: per bucket mean +- std of each metric, the cold/warm NDCG@10 ratio, mean target counts."""
+    header = ["model", "seeds", "targets all / warm / cold", "cold / warm NDCG@10"]
+    header += [f"{m} {b}" for m in metrics for b in TABLE_BUCKETS]
+    header += ["targets head / torso / tail"]
+    rows = [header]
+
+    def cell(row, key):
+        return "–" if row[key] is None else f"{row[key]:.4f} ± {row[key + '_std']:.4f}"
+
+    def counts(row, buckets):
+        return " / ".join(f"{row[f'{b}_n']:.0f}" for b in buckets)
+
+    for row in summary:
+        warm, cold = row["warm_ndcg@10"], row["cold_ndcg@10"]
+        ratio = f"{cold / warm:.2f}" if warm and cold is not None else "–"
+        rows.append([row["model"], str(row["seeds"]), counts(row, ("all", "warm", "cold")), ratio,
+                     *(cell(row, f"{b}_{m}") for m in metrics for b in TABLE_BUCKETS),
+                     counts(row, ("head", "torso", "tail"))])
+    return rows
 
 
 def relative_improvement(summary: list[dict], metric: str) -> dict[str, float]:
@@ -88,7 +135,7 @@ def markdown_table(rows: list[list[str]]) -> str:
 
 def _run_record(spec: str, result: dict) -> dict:
     """What the comparison table needs of one run, as JSON."""
-    keys = ("seed", "test_result", "epochs", "train_seconds", "utilisation")
+    keys = ("seed", "test_result", "epochs", "train_seconds", "utilisation", "buckets")
     return json.loads(json.dumps({"spec": spec} | {k: result[k] for k in keys if k in result}, default=float))
 
 
@@ -136,16 +183,32 @@ def compare(models, dataset, seeds=None, config_file_list=None, config_dict=None
                 records += finished
                 atomic_write_text(runs_file, json.dumps(records, indent=1) + "\n")
             results.setdefault(spec, []).append(finished[0])
-    run_rows = [["model", "seed", *REPORT_METRICS, "epochs", "train_seconds"]]
+    bucket_columns = [(b, key) for b in ("warm", "cold") for key in ("n", *BUCKET_METRICS)]
+    run_rows = [["model", "seed", *REPORT_METRICS, "epochs", "train_seconds", *(f"{b} {k}" for b, k in bucket_columns)]]
     run_rows += [[r["spec"], r["seed"], *(r["test_result"][m] for m in REPORT_METRICS), r["epochs"],
-                  f"{r['train_seconds']:.1f}"] for runs in results.values() for r in runs]
+                  f"{r['train_seconds']:.1f}", *(_bucket_value(r, b, k) for b, k in bucket_columns)]
+                 for runs in results.values() for r in runs]
     rows = comparison_table(summarise(results))
     atomic_write_text(stem.with_suffix(".md"), markdown_table(rows))
     atomic_write_text(stem.with_suffix(".csv"), csv_text(rows))
     atomic_write_text(stem.with_name(stem.name + "-runs.csv"), csv_text(run_rows))
     print(markdown_table(rows))
-    print(f"saved {stem.with_suffix('.md')}, {stem.with_suffix('.csv')} and {stem.name}-runs.csv/.json")
+    targets = stem.with_name(stem.name + "-targets")
+    bucket_summary = summarise_buckets(results)
+    if bucket_summary:
+        bucket_rows = bucket_table(bucket_summary)
+        atomic_write_text(targets.with_suffix(".md"), markdown_table(bucket_rows))
+        atomic_write_text(targets.with_suffix(".csv"), csv_text(bucket_rows))
+        print("Test metrics by target (cold: no training interaction; head/torso/tail: warm targets by training count)")
+        print(markdown_table(bucket_rows))
+    print(f"saved {stem.with_suffix('.md')}, {stem.with_suffix('.csv')}, {stem.name}-runs.csv/.json"
+          + (f" and {targets.name}.md/.csv" if bucket_summary else ""))
     return results, rows
+
+
+def _bucket_value(record: dict, bucket: str, key: str):
+    value = (record.get("buckets") or {}).get(bucket, {}).get(key)
+    return "" if value is None else value
 
 
 def csv_text(rows) -> str:

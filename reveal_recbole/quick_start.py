@@ -17,6 +17,7 @@ from reveal_recbole.config import Config
 from reveal_recbole.diagnostics import existing, plot_diagnostics, visual_utilisation
 from reveal_recbole.pipeline import load_run, prepare_run
 from reveal_recbole.recbole_seam import count_flops
+from reveal_recbole.target_buckets import evaluate_buckets, format_buckets, ranks_all_items
 
 
 def run(
@@ -101,6 +102,8 @@ def run_reveal(model=None, dataset=None, config_file_list=None, config_dict=None
         "epochs": len(trainer.train_loss_dict),
         "train_seconds": train_seconds,
     }
+    if config["single_spec"] and ranks_all_items(config):  # one process sees every test user (DDP ranks hold shards)
+        result["buckets"] = report_buckets(config, trainer, run.train_data, run.test_data)
     if config["visual_utilisation"] and getattr(run.model.item_embedding, "modalities", ()):
         result["utilisation"] = report_utilisation(config, trainer, run.test_data, saved)
     if not config["single_spec"]:
@@ -108,6 +111,15 @@ def run_reveal(model=None, dataset=None, config_file_list=None, config_dict=None
     if config["local_rank"] == 0 and queue is not None:
         queue.put(result)
     return result
+
+
+def report_buckets(config, trainer, train_data, test_data) -> dict:
+    """Test metrics per target bucket (all, warm, cold, head, torso, tail; ``target_buckets``), logged and in tensorboard."""
+    buckets = evaluate_buckets(trainer.model, train_data, test_data, config["topk"], config["cold_item_share"])
+    getLogger().info(set_color("test result by target (buckets from the training split)", "yellow") + f": {format_buckets(buckets)}")
+    trainer.log_final("Buckets", {f"{name}/{metric}": value for name, values in buckets.items()
+                                  for metric, value in values.items() if value is not None})
+    return buckets
 
 
 def report_utilisation(config, trainer, test_data, saved: bool) -> dict:

@@ -53,8 +53,8 @@ def test_compare_writes_one_table_of_both_models(compared):
         assert_report_metrics(runs[0]["test_result"])
         assert runs[0]["train_seconds"] > 0 and runs[0]["epochs"] == 1
 
-    md_files = list(output_dir.glob("*.md"))
-    csv_files = [f for f in output_dir.glob("*.csv") if not f.stem.endswith("-runs")]
+    md_files = [f for f in output_dir.glob("*.md") if not f.stem.endswith("-targets")]
+    csv_files = [f for f in output_dir.glob("*.csv") if not f.stem.endswith(("-runs", "-targets"))]
     assert len(md_files) == 1 and len(csv_files) == 1
     assert md_files[0].stem == csv_files[0].stem and "scientific" in md_files[0].stem
     with open(output_dir / f"{csv_files[0].stem}-runs.csv", newline="", encoding="utf-8") as handle:

@@ -1,10 +1,11 @@
-"""``create_dataset`` with file checks first, then RecBole's own construction and caching."""
+"""``create_dataset`` with file checks first, then RecBole's own construction and caching, then the cold-item hold-out."""
 from __future__ import annotations
 
 from logging import getLogger
 
 from recbole.data import create_dataset as recbole_create_dataset
 
+from reveal_recbole.data.cold_start import hold_out_cold_items
 from reveal_recbole.data.dataset import (
     MultimodalSequentialDataset,
     require_dataset_files,
@@ -19,6 +20,14 @@ def create_dataset(config):
     if not issubclass(get_dataset_class(config), MultimodalSequentialDataset):
         require_dataset_files(config, multimodal=False)  # the multimodal class runs these checks itself
     dataset = recbole_create_dataset(config)
+    cold = hold_out_cold_items(dataset, config)  # before RecBole's split, so every model sees the same cold split
+    if cold is not None:
+        getLogger().info(
+            f"cold_item_share {config['cold_item_share']}: {len(cold.cold_items)} of {dataset.item_num - 1} items held "
+            f"out of training (seed {config['seed']}); {cold.dropped} training interactions with them dropped; they are "
+            f"the test target of {cold.cold_test_targets} of {cold.test_targets} users and the validation target of "
+            f"{cold.cold_valid_targets}"
+        )
     largest_k = max(config["topk"])  # RecBole's Config has made it a list of positive integers
     if largest_k > dataset.item_num - 1:
         raise ConfigError(

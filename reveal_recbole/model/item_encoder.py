@@ -10,6 +10,18 @@ so a backbone runs unchanged; with ``score_with="id"`` the ``.weight`` side is t
 alone, as in the REVEAL authors' code. The ID table is the backbone's own ``nn.Embedding`` (its
 initialisation is kept), the feature tables come from the dataset's aligned feature files.
 
+Items without training interactions (cold items, e.g. held out by ``cold_item_share``) are the
+case a full-softmax CE loss handles worst: every item is a negative at every step, so the ID rows
+and trainable feature rows of items that are never a positive are only ever pushed down (the
+default SASRecREVEAL scored NDCG@10 0.000 on such targets). ``cold_items`` (given the training
+count of each row) changes that: ``features`` keeps them out of training (their rows are zero
+there: no gradient reaches or comes from them, as if they were not yet in the catalogue) and
+represents them at evaluation by their loaded features alone (ID part zero, ``gated`` leaving it
+out of the softmax); ``neighbour`` also lends each one, at evaluation, what the warm items it
+resembles learned: the mean ID embedding of its ``cold_item_neighbours`` nearest warm items (cosine
+of the trained model's features-only embeddings) and, with trainable feature tables, their mean
+fine-tuning of the feature rows.
+
 A *masked* modality (``masking``) contributes a zero vector in place of its projected embedding
 ``W f + b`` (the bias does not pass), and with ``gated`` fusion it is left out of the softmax:
 the table is then the one an encoder without that modality would build. This is where the
@@ -31,6 +43,7 @@ from reveal_recbole.errors import ConfigError
 FUSIONS = ("sum", "concat", "gated", "moe")
 MISSING_FEATURE_MODES = ("zero", "learned")
 SCORE_WITH = ("fused", "id")
+COLD_ITEMS = ("auto", "neighbour", "features", "train")
 
 
 # encoder keys newer than some saved checkpoints: a saved config without them gets these
@@ -139,6 +152,14 @@ class REVEALItemEncoder(nn.Module):
             features (the authors' choice: their ``predict_full`` reads ``item_embeddings.weight``).
         id_dropout: in training, each item's ID part is zeroed with this probability, so the
             model must also recognise items by their features (keeps the IDs from crowding them out).
+        training_counts: training interactions per row of the ID table (the training split's);
+            -1 for rows that are not items (padding, BERT4Rec's mask token). Rows with 0 are cold.
+        cold_items: ``train``: cold items are trained like any item (as negatives only);
+            ``features``: absent in training (zero rows), their loaded features alone at
+            evaluation; ``neighbour``: as ``features``, plus at evaluation the mean ID embedding
+            (and mean feature-row fine-tuning) of the nearest warm items (cosine of the
+            features-only embeddings).
+        cold_item_neighbours: ``neighbour``: how many nearest warm items lend to a cold one.
         moe_shared_experts, moe_specific_experts, moe_low_rank: the ``moe`` fusion's sizes.
     """
 
@@ -153,6 +174,9 @@ class REVEALItemEncoder(nn.Module):
         feature_norm: str = "l2",
         score_with: str = "fused",
         id_dropout: float = 0.0,
+        training_counts: torch.Tensor | None = None,
+        cold_items: str = "train",
+        cold_item_neighbours: int = 2,
         moe_shared_experts: int = 2,
         moe_specific_experts: int = 4,
         moe_low_rank: int = 4,
@@ -170,6 +194,24 @@ class REVEALItemEncoder(nn.Module):
             raise ConfigError(f"id_dropout must be a number in [0, 1), got {id_dropout!r}")
         if id_dropout > 0 and not item_features:
             raise ConfigError("id_dropout needs at least one modality: without features a dropped ID leaves a zero item")
+        if cold_items not in COLD_ITEMS[1:]:
+            raise ConfigError(f"cold_items must be one of {COLD_ITEMS[1:]}, got {cold_items!r}")
+        if isinstance(cold_item_neighbours, bool) or not isinstance(cold_item_neighbours, int) or cold_item_neighbours < 1:
+            raise ConfigError(f"cold_item_neighbours must be an integer >= 1, got {cold_item_neighbours!r}")
+        if training_counts is not None and tuple(training_counts.shape) != (id_embedding.num_embeddings,):
+            raise ValueError(f"training_counts must have one entry per ID row ({id_embedding.num_embeddings}), "
+                             f"got shape {tuple(training_counts.shape)}")
+        cold_rows = None
+        if cold_items != "train":
+            if training_counts is None:
+                raise ValueError(f"cold_items: {cold_items} needs training_counts (the training split's count per row)")
+            if not item_features:
+                raise ConfigError(
+                    f"cold_items: {cold_items} needs at least one modality: an item without training interactions "
+                    "and without features would be a zero vector"
+                )
+            cold_rows = training_counts == 0
+            cold_rows = cold_rows if bool(cold_rows.any()) else None
         for key, value in (("moe_shared_experts", moe_shared_experts), ("moe_specific_experts", moe_specific_experts),
                            ("moe_low_rank", moe_low_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -186,6 +228,11 @@ class REVEALItemEncoder(nn.Module):
         self._table_cache: tuple[tuple, torch.Tensor] | None = None
         self._share_depth = 0
 
+        # data-derived, rebuilt with the model from its training split: not part of checkpoints
+        self.cold_items = cold_items if cold_rows is not None else "train"
+        self.cold_item_neighbours = cold_item_neighbours
+        self.register_buffer("cold_rows", cold_rows, persistent=False)
+        self.register_buffer("warm_rows", None if cold_rows is None else training_counts > 0, persistent=False)
         self.feature_tables = nn.ParameterDict()
         self.projections = nn.ModuleDict()
         self.missing_vectors = nn.ParameterDict()
@@ -198,6 +245,8 @@ class REVEALItemEncoder(nn.Module):
             self.projections[modality] = nn.Linear(features.dim, self.embedding_dim)
             if missing_feature == "learned":
                 self.missing_vectors[modality] = nn.Parameter(torch.zeros(features.dim))
+            if cold_rows is not None and feature_trainable:  # the loaded rows: cold items keep theirs
+                self.register_buffer(f"loaded_{modality}", values.clone(), persistent=False)
         self.dropout = nn.Dropout(feature_dropout)
         parts = 1 + len(self.modalities)
         if fusion == "concat" and self.modalities:
@@ -257,31 +306,56 @@ class REVEALItemEncoder(nn.Module):
             self.masked_modalities = previous
 
     # ----------------------------------------------------------------- the fused table
-    def modality_input(self, modality: str) -> torch.Tensor:
-        """The feature rows fed to a modality's projection (the learned vector where an item has none)."""
+    def modality_input(self, modality: str, neighbours: torch.Tensor | None = None) -> torch.Tensor:
+        """The feature rows fed to a modality's projection (the learned vector where an item has none).
+
+        Cold items keep their loaded rows; with ``neighbours`` (``(cold, k)`` warm rows) they also
+        get the mean fine-tuning (trained minus loaded row) of those warm items.
+        """
         table = self.feature_tables[modality]
+        loaded = getattr(self, f"loaded_{modality}", None)
+        if loaded is not None:
+            cold_input = loaded[self.cold_rows]
+            if neighbours is not None:
+                cold_input = cold_input + (table[neighbours] - loaded[neighbours]).mean(1)
+            table = table.index_put((self.cold_rows,), cold_input)
         if modality in self.missing_vectors:
             present = getattr(self, f"present_{modality}").unsqueeze(1)
             return torch.where(present, table, self.missing_vectors[modality])
         return table
 
-    def modality_embedding(self, modality: str) -> torch.Tensor | None:
+    def modality_embedding(self, modality: str, neighbours: torch.Tensor | None = None) -> torch.Tensor | None:
         """``drop(W f + b)`` for every item; ``None`` while the modality is masked."""
         if modality in self.masked_modalities:
             return None
-        return self.dropout(self.projections[modality](self.modality_input(modality)))
+        return self.dropout(self.projections[modality](self.modality_input(modality, neighbours)))
 
     def id_part(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The ID rows and, in training with ``id_dropout``, which rows were kept.
 
         A dropped row is zeroed without rescaling the kept ones: at evaluation every item has its
         ID, a case training also sees, rather than a 1/(1-p)-scaled ID training never matched.
+        Cold items (``cold_items`` other than ``train``) have no ID part of their own.
         """
         weight = self.id_embedding.weight
-        if not (self.training and self.id_dropout > 0):
+        kept = None if self.cold_rows is None else ~self.cold_rows
+        if self.training and self.id_dropout > 0:
+            drawn = torch.rand(weight.shape[0], device=weight.device) >= self.id_dropout
+            kept = drawn if kept is None else kept & drawn
+        if kept is None:
             return weight, None
-        kept = torch.rand(weight.shape[0], device=weight.device) >= self.id_dropout
         return weight * kept.unsqueeze(1).to(weight.dtype), kept
+
+    def nearest_warm_items(self, features_only: torch.Tensor) -> torch.Tensor:
+        """``(cold, k)``: for each cold row, the ``cold_item_neighbours`` warm rows whose features-only embeddings
+        (the fused table with every ID part removed) are nearest by cosine."""
+        unit = F.normalize(features_only.detach(), dim=1)
+        warm_ids = torch.nonzero(self.warm_rows).squeeze(1)
+        k = min(self.cold_item_neighbours, len(warm_ids))
+        neighbours = []
+        for chunk in unit[self.cold_rows].split(4096):  # (cold, warm) similarities, a chunk at a time
+            neighbours.append(warm_ids[(chunk @ unit[warm_ids].T).topk(k, dim=1).indices])
+        return torch.cat(neighbours)
 
     def fuse(self, parts: list[torch.Tensor], kept: list[torch.Tensor | bool | None] | None = None) -> torch.Tensor:
         """Fuse ID and modality parts; ``kept[i]`` is ``None`` (all rows), ``False`` (part removed) or one bool per row.
@@ -308,14 +382,26 @@ class REVEALItemEncoder(nn.Module):
         weights = torch.softmax(logits, dim=-1)
         return (torch.stack(parts, dim=-1) * weights.unsqueeze(-2)).sum(-1)
 
+    def modality_parts(self, like: torch.Tensor, neighbours: torch.Tensor | None = None) -> tuple[list, list]:
+        """Each modality's embedding (zeros while masked) and its ``kept`` entry for :meth:`fuse`."""
+        parts, kept = [], []
+        for modality in self.modalities:
+            embedding = self.modality_embedding(modality, neighbours)
+            parts.append(torch.zeros_like(like) if embedding is None else embedding)
+            kept.append(False if embedding is None else None)
+        return parts, kept
+
     def compute_table(self) -> torch.Tensor:
         id_rows, id_kept = self.id_part()
-        parts, kept = [id_rows], [id_kept]
-        for modality in self.modalities:
-            embedding = self.modality_embedding(modality)
-            parts.append(torch.zeros_like(id_rows) if embedding is None else embedding)
-            kept.append(False if embedding is None else None)
-        table = self.fuse(parts, kept)
+        parts, kept = self.modality_parts(id_rows)
+        if self.cold_items == "neighbour" and not self.training:  # cold items borrow from the warm items they resemble
+            neighbours = self.nearest_warm_items(self.fuse([torch.zeros_like(id_rows), *parts], [False, *kept]))
+            id_rows, id_kept = id_rows.index_put((self.cold_rows,), self.id_embedding.weight[neighbours].mean(1)), None
+            if any(hasattr(self, f"loaded_{m}") for m in self.modalities):
+                parts, kept = self.modality_parts(id_rows, neighbours)
+        table = self.fuse([id_rows, *parts], [id_kept, *kept])
+        if self.cold_rows is not None and self.training:  # cold items are not in the catalogue yet
+            table = table * (~self.cold_rows).unsqueeze(1).to(table.dtype)
         if self.padding_idx is not None:  # keep RecBole's padding item at zero, as nn.Embedding does
             table = table.index_fill(0, self._padding_index, 0.0)
         return table
@@ -367,4 +453,6 @@ class REVEALItemEncoder(nn.Module):
         return F.embedding(item_ids, self.table())
 
     def extra_repr(self) -> str:
-        return f"modalities={list(self.modalities)}, fusion={self.fusion}, score_with={self.score_with}"
+        cold = 0 if self.cold_rows is None else int(self.cold_rows.sum())
+        return (f"modalities={list(self.modalities)}, fusion={self.fusion}, score_with={self.score_with}"
+                + (f", cold_items={self.cold_items} ({cold} items)" if cold else ""))

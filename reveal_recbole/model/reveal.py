@@ -16,12 +16,16 @@ class is built and again when the model is, and refuses the others with a ``Back
 """
 from __future__ import annotations
 
+from logging import getLogger
+
 import torch
 from torch import nn
 
+from reveal_recbole.data.cold_start import training_item_counts
 from reveal_recbole.data.dataset import configured_modalities
+from reveal_recbole.errors import ConfigError
 from reveal_recbole.model.contract import check_backbone, check_backbone_data, check_item_tables, item_table
-from reveal_recbole.model.item_encoder import REVEALItemEncoder, encoder_settings
+from reveal_recbole.model.item_encoder import COLD_ITEMS, REVEALItemEncoder, encoder_settings
 
 
 class REVEALRecommender:
@@ -54,6 +58,7 @@ class REVEALRecommender:
             feature_dropout=config["feature_dropout"],
             missing_feature=config["missing_feature"],
             feature_norm=config["feature_norm"],
+            **self.cold_item_settings(config, dataset, id_embedding, modalities),
             **encoder_settings(config, modalities),
         )
         init_weights = getattr(self, "_init_weights", None)
@@ -62,6 +67,31 @@ class REVEALRecommender:
                 if name != "id_embedding":
                     child.apply(init_weights)
         return encoder
+
+    def cold_item_settings(self, config, dataset, id_embedding: nn.Embedding, modalities) -> dict:
+        """The encoder's ``training_counts``, ``cold_items`` and ``cold_item_neighbours`` from the config and training split.
+
+        ``dataset`` is the training split (RecBole builds models on it). ``auto`` is ``neighbour``
+        when that split leaves items without interactions and the model has features (logged),
+        ``train`` otherwise.
+        """
+        mode = config["cold_items"] or "train"  # a checkpoint saved before this key: as it was trained
+        if mode not in COLD_ITEMS:
+            raise ConfigError(f"cold_items must be one of {COLD_ITEMS}, got {mode!r}")
+        counts = torch.full((id_embedding.num_embeddings,), -1, dtype=torch.long)  # -1: not an item
+        item_counts = torch.as_tensor(training_item_counts(dataset))
+        n = min(len(item_counts), len(counts))
+        counts[1:n] = item_counts[1:n]  # the padding row and rows past the items (BERT4Rec's mask token) stay -1
+        cold = int((counts == 0).sum())
+        resolved = ("neighbour" if cold and modalities else "train") if mode == "auto" else mode
+        if cold and resolved != "train":
+            getLogger().info(
+                f"cold_items: {mode}{f' -> {resolved}' if mode == 'auto' else ''}: {cold} of {dataset.item_num - 1} "
+                "items have no training interaction: left out of training, represented at evaluation by their "
+                "features" + (" and what their nearest warm items learned (ID, feature fine-tuning)" if resolved == "neighbour" else "")
+            )
+        neighbours = config["cold_item_neighbours"]
+        return {"training_counts": counts, "cold_items": resolved, "cold_item_neighbours": 2 if neighbours is None else neighbours}
 
     def calculate_loss(self, interaction):
         with self.item_embedding.shared_table():
