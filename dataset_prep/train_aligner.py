@@ -19,7 +19,8 @@ touches only the head. Training is deterministic for a seed; after every epoch a
 (head, optimiser, losses) is written atomically to ``<out>/checkpoint.pt``, and a rerun with the
 same data and settings resumes from it, reaching the same head as an uninterrupted run.
 ``--holdout`` (10 %) of the pairs are kept out of training; their contrastive loss and caption-to-image
-retrieval accuracy (within batches) are logged after every epoch and saved with the head (reported only).
+retrieval accuracy (within batches) are logged after every epoch and saved with the head, and the head
+kept is that of the epoch with the lowest held-out loss (a linear head overfits a small set in a few epochs).
 The result is ``<out>/aligner.pt``: point ``fve_aligner_path`` at it.
 
 Usage::
@@ -244,10 +245,12 @@ def retrieval_accuracy(head: AlignmentHead, patches: torch.Tensor, captions: tor
 def train_head(
     patches: np.ndarray, captions: np.ndarray, out: Path, epochs: int, settings: TrainSettings, data_key: str,
     texts: Sequence[str] | None = None,
-) -> tuple[AlignmentHead, list[float], list[dict]]:
+) -> tuple[AlignmentHead, list[float], list[dict], int | None]:
     """Train the head for ``epochs`` epochs in total, resuming from ``<out>/checkpoint.pt`` when it holds a
-    run of the same data and settings; returns the head, the training loss (:func:`epoch_loss`) after each
-    epoch and the held-out loss and retrieval accuracy after each epoch (``settings.holdout`` of the pairs).
+    run of the same data and settings. Returns the head, the training loss (:func:`epoch_loss`) and the
+    held-out loss and retrieval accuracy (``settings.holdout`` of the pairs) after each epoch, and the epoch
+    whose head is returned: the one of the lowest held-out loss (the head overfits a small set), or the
+    last epoch's head (None) without a held-out part.
 
     Epoch ``e`` shuffles with a generator seeded by (seed, e), and the initial head comes from
     ``seed`` alone, so a resumed run continues exactly where the interrupted one stopped.
@@ -263,6 +266,7 @@ def train_head(
     optimiser = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     losses: list[float] = []
     held_out: list[dict] = []
+    best: dict = {"epoch": None, "head": None}  # the epoch of the lowest held-out loss and its head
 
     def evaluate() -> dict:
         if not len(held_rows):
@@ -282,6 +286,7 @@ def train_head(
         head.load_state_dict(checkpoint["head"])
         optimiser.load_state_dict(checkpoint["optimizer"])
         losses, held_out = list(checkpoint["losses"]), list(checkpoint["held_out"])
+        best = {"epoch": checkpoint["best_epoch"], "head": checkpoint["best_head"]}
         logger.info("resuming after epoch %d from %s", len(losses), checkpoint_path)
     else:
         logger.info("%d training pairs, %d held out; before training: loss %.4f, held out %s", len(train_rows),
@@ -300,13 +305,18 @@ def train_head(
         head.eval()
         losses.append(epoch_loss(head, patch_tensor, caption_tensor, settings.batch_size))
         held_out.append(evaluate())
+        if held_out[-1] and (best["epoch"] is None or held_out[-1]["loss"] < held_out[best["epoch"] - 1]["loss"]):
+            best = {"epoch": epoch + 1, "head": {k: v.detach().clone() for k, v in head.state_dict().items()}}
         with atomic_target(checkpoint_path) as temporary:
             torch.save({**identity, "head": head.state_dict(), "optimizer": optimiser.state_dict(), "losses": losses,
-                        "held_out": held_out}, temporary)
+                        "held_out": held_out, "best_epoch": best["epoch"], "best_head": best["head"]}, temporary)
         logger.info("epoch %d/%d: loss %.4f, held out %s, scale %.1f (%.1f s)", epoch + 1, epochs, losses[-1],
                     {k: round(v, 4) for k, v in held_out[-1].items()}, float(head.scale.detach()),
                     time.perf_counter() - started)
-    return head, losses, held_out
+    if best["head"] is not None:
+        head.load_state_dict(best["head"])
+        logger.info("keeping the head of epoch %d (lowest held-out loss)", best["epoch"])
+    return head, losses, held_out, best["epoch"]
 
 
 def train_aligner(
@@ -318,12 +328,12 @@ def train_aligner(
     if counts.empty_captions:
         logger.warning("skipped %d rows with an empty caption", counts.empty_captions)
     patches, captions, key, texts = frozen_outputs(pairs, counts, backbone, text_encoder, out, encode_batch_size)
-    head, losses, held_out = train_head(patches, captions, out, epochs, settings, key, texts)
-    info = {"pairs": asdict(counts), "epochs": epochs, "losses": losses, "held_out": held_out,
+    head, losses, held_out, best_epoch = train_head(patches, captions, out, epochs, settings, key, texts)
+    info = {"pairs": asdict(counts), "epochs": epochs, "losses": losses, "held_out": held_out, "best_epoch": best_epoch,
             "settings": asdict(settings), "data": key, "captions": str(captions_tsv)}
     path = save_aligner(out / ALIGNER, head, backbone.name, text_encoder.name, info)
-    logger.info("wrote %s (%d pairs used; final loss %s, held out %s)", path, counts.usable,
-                losses[-1] if losses else None, held_out[-1] if held_out else None)
+    logger.info("wrote %s (%d pairs used; epoch %s kept; held out %s)", path, counts.usable, best_epoch or epochs,
+                held_out[(best_epoch or epochs) - 1] if held_out else None)
     return {"aligner": str(path), **info}
 
 
@@ -339,7 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--dim", type=int, default=DEFAULT_DIM)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--holdout", type=float, default=0.1, help="fraction of pairs held out (reported only)")
+    parser.add_argument("--holdout", type=float, default=0.1,
+                        help="fraction of pairs held out: reported, and the epoch of lowest held-out loss is kept")
     parser.add_argument("--scenes", type=float, default=0.5, help="--generate: fraction of multi-shape scenes")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)

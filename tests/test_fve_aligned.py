@@ -165,12 +165,14 @@ def test_training_lowers_the_loss_and_resumes_to_the_uninterrupted_result(tmp_pa
     assert whole["losses"][-1] < initial
     assert whole["pairs"]["usable"] == 24
     assert len(whole["held_out"]) == 4 and set(whole["held_out"][-1]) == {"loss", "retrieval@1"}
+    assert whole["best_epoch"] == 1 + int(np.argmin([row["loss"] for row in whole["held_out"]]))
 
     interrupted = tmp_path / "interrupted"
     first = train_aligner(tsv, interrupted, TinyBackbone(), HashText(), epochs=2, settings=settings)
     assert first["losses"] == whole["losses"][:2]
     resumed = train_aligner(tsv, interrupted, TinyBackbone(), HashText(), epochs=4, settings=settings)
     assert resumed["losses"] == whole["losses"] and resumed["held_out"] == whole["held_out"]
+    assert resumed["best_epoch"] == whole["best_epoch"]
     head_whole, _ = load_aligner(whole["aligner"])
     head_resumed, _ = load_aligner(resumed["aligner"])
     assert head_digest(head_whole) == head_digest(head_resumed)
