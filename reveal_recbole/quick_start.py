@@ -2,6 +2,7 @@
 and ``objective_function`` and ``load_data_and_model`` their RecBole twins."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -18,6 +19,24 @@ from reveal_recbole.diagnostics import existing, plot_diagnostics, visual_utilis
 from reveal_recbole.pipeline import load_run, prepare_run
 from reveal_recbole.recbole_seam import count_flops
 from reveal_recbole.target_buckets import evaluate_buckets, format_buckets, ranks_all_items
+
+_RUN_LOG_HANDLERS: list[logging.Handler] = []  # the handlers init_run_logger added for the previous run
+
+
+def init_run_logger(config) -> None:
+    """RecBole's ``init_logger``, after removing the handlers it added for this process's previous run.
+
+    RecBole adds its console and file handlers with ``logging.basicConfig``, which does nothing once
+    the root logger has handlers: a second run in one process (``compare``, several seeds) would
+    log into the first run's file and leave its own empty. Handlers the user set up stay.
+    """
+    root = logging.getLogger()
+    for handler in _RUN_LOG_HANDLERS:
+        root.removeHandler(handler)
+        handler.close()
+    before = set(root.handlers)
+    init_logger(config)
+    _RUN_LOG_HANDLERS[:] = [handler for handler in root.handlers if handler not in before]
 
 
 def run(
@@ -69,7 +88,7 @@ def run_reveal(model=None, dataset=None, config_file_list=None, config_dict=None
     """
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     os.makedirs(os.path.join("log", config["model"]), exist_ok=True)  # RecBole's ./log/<model>: DDP ranks race there
-    init_logger(config)
+    init_run_logger(config)
     logger = getLogger()
     logger.info(sys.argv)
     logger.info(config)
@@ -114,9 +133,10 @@ def run_reveal(model=None, dataset=None, config_file_list=None, config_dict=None
 
 
 def report_buckets(config, trainer, train_data, test_data) -> dict:
-    """Test metrics per target bucket (all, warm, cold, head, torso, tail; ``target_buckets``), logged and in tensorboard."""
+    """Test metrics per target bucket (all, warm, cold, head, torso, tail; ``target_buckets``), logged, in tensorboard."""
     buckets = evaluate_buckets(trainer.model, train_data, test_data, config["topk"], config["cold_item_share"])
-    getLogger().info(set_color("test result by target (buckets from the training split)", "yellow") + f": {format_buckets(buckets)}")
+    title = set_color("test result by target (buckets from the training split)", "yellow")
+    getLogger().info(f"{title}: {format_buckets(buckets)}")
     trainer.log_final("Buckets", {f"{name}/{metric}": value for name, values in buckets.items()
                                   for metric, value in values.items() if value is not None})
     return buckets
@@ -140,7 +160,7 @@ def report_utilisation(config, trainer, test_data, saved: bool) -> dict:
 def load_data_and_model(model_file):
     """``recbole.quick_start.load_data_and_model`` for our checkpoints (unpickling runs code: trusted files only)."""
     run = load_run(model_file)
-    init_logger(run.config)
+    init_run_logger(run.config)
     return run.config, run.model, run.dataset, run.train_data, run.valid_data, run.test_data
 
 

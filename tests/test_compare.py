@@ -1,6 +1,8 @@
 """compare(): a baseline and its REVEAL version on one split, one table (.md and .csv), best marked."""
 import csv
+import logging
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import reveal_recbole.comparison as comparison
 import reveal_recbole.pipeline as pipeline
 from reveal_recbole.comparison import compare
 from reveal_recbole.errors import UserInputError
+from reveal_recbole.quick_start import run_reveal
 
 from conftest import REPORT_METRICS, assert_report_metrics, make_tiny_config
 
@@ -169,3 +172,16 @@ def test_resume_from_a_bad_runs_file_is_one_clear_error(tmp_path):
         compare(MODELS, "scientific", seeds=[1], resume=str(bad))
     with pytest.raises(UserInputError, match="no file"):
         compare(MODELS, "scientific", seeds=[1], resume=str(tmp_path / "absent-runs.json"))
+
+
+def test_each_run_in_one_process_logs_to_its_own_file(tiny_config, monkeypatch):
+    """RecBole's basicConfig adds handlers only once per process: the second run must still get its own log."""
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in a fresh process (pytest adds its own)
+    settings = {**tiny_config, "state": "INFO", "visual_utilisation": False}
+    for seed in (1, 2):
+        run_reveal("SASRec", "scientific", config_dict={**settings, "seed": seed})
+    logs = sorted((Path.cwd() / "log" / "SASRec").glob("*.log"))
+    assert len(logs) == 2
+    seeds = [[line for line in log.read_text(encoding="utf-8").splitlines() if line.startswith("seed =")]
+             for log in logs]
+    assert sorted(seeds) == [["seed = 1"], ["seed = 2"]]
