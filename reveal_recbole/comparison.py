@@ -52,7 +52,8 @@ def summarise(results: dict[str, list[dict]], metrics=REPORT_METRICS) -> list[di
             row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         row["s_per_epoch"] = statistics.fmean(r["train_seconds"] / max(r["epochs"], 1) for r in runs)
         for modality in ("image", "text"):
-            drops = [r["utilisation"]["drop"][modality]["ndcg@10"] for r in runs if modality in r.get("utilisation", {}).get("drop", {})]
+            drops = [r["utilisation"]["drop"][modality]["ndcg@10"] for r in runs
+                     if modality in r.get("utilisation", {}).get("drop", {})]
             row[f"{modality}_masked_drop_ndcg@10"] = statistics.fmean(drops) if drops else None
         summary.append(row)
     return summary
@@ -122,7 +123,8 @@ def comparison_table(summary: list[dict], metrics=REPORT_METRICS) -> list[list[s
     for row in summary:
         cells = [f"{row[m]:.4f} ± {row[m + '_std']:.4f}" + ("*" if row[m] == best[m] else "") for m in metrics]
         gain_cells = [f"{gains[m][row['model']]:+.1%}" if row["model"] in gains[m] else "" for m in gains]
-        drops = [f"{row[k]:.4f}" if row[k] is not None else "" for k in ("image_masked_drop_ndcg@10", "text_masked_drop_ndcg@10")]
+        drops = [f"{row[k]:.4f}" if row[k] is not None else ""
+                 for k in ("image_masked_drop_ndcg@10", "text_masked_drop_ndcg@10")]
         rows.append([row["model"], str(row["seeds"]), *cells, *gain_cells, *drops, f"{row['s_per_epoch']:.1f}"])
     return rows
 
@@ -147,7 +149,8 @@ def read_run_records(path: str | Path) -> list[dict]:
         raise UserInputError(f"cannot resume the comparison: no file {path}") from None
     except json.JSONDecodeError as error:
         raise UserInputError(f"cannot resume the comparison: {path} is not a runs file ({error})") from None
-    if not isinstance(records, list) or not all(isinstance(r, dict) and {"spec", "seed", "test_result"} <= set(r) for r in records):
+    required = {"spec", "seed", "test_result"}
+    if not isinstance(records, list) or not all(isinstance(r, dict) and required <= set(r) for r in records):
         raise UserInputError(f"cannot resume the comparison: {path} is not a list of run records")
     return records
 

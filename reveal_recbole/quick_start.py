@@ -133,7 +133,7 @@ def run_reveal(model=None, dataset=None, config_file_list=None, config_dict=None
 
 
 def report_buckets(config, trainer, train_data, test_data) -> dict:
-    """Test metrics per target bucket (all, warm, cold, head, torso, tail; ``target_buckets``), logged, in tensorboard."""
+    """Test metrics per target bucket (all, warm, cold, head, torso, tail: ``target_buckets``), logged and drawn."""
     buckets = evaluate_buckets(trainer.model, train_data, test_data, config["topk"], config["cold_item_share"])
     title = set_color("test result by target (buckets from the training split)", "yellow")
     getLogger().info(f"{title}: {format_buckets(buckets)}")

@@ -49,7 +49,8 @@ def bucket_metrics(ranks: np.ndarray, buckets: dict[str, np.ndarray], topk=(10, 
         for k in topk:
             hit = bucket_ranks <= k
             metrics[f"recall@{k}"] = float(hit.mean()) if len(bucket_ranks) else None
-            metrics[f"ndcg@{k}"] = float(np.where(hit, 1 / np.log2(bucket_ranks + 1), 0.0).mean()) if len(bucket_ranks) else None
+            gains = np.where(hit, 1 / np.log2(bucket_ranks + 1), 0.0)
+            metrics[f"ndcg@{k}"] = float(gains.mean()) if len(bucket_ranks) else None
         result[name] = metrics
     return result
 

@@ -30,7 +30,8 @@ def test_hold_out_keeps_cold_items_only_as_evaluation_targets():
     """Rows by user, time; cold items 3 and 6. RecBole's leave-one-out of n interactions: the last
     min(2, n - 2) are targets (test last), the rest training (n = 3: no validation; n = 2: none)."""
     rows = [  # user, item, time
-        (1, 1, 0), (1, 2, 1), (1, 3, 2), (1, 4, 3), (1, 5, 4), (1, 6, 5),  # 3 is training: dropped; 6 is the test target
+        # 3 is training: dropped; 6 is the test target
+        (1, 1, 0), (1, 2, 1), (1, 3, 2), (1, 4, 3), (1, 5, 4), (1, 6, 5),
         (2, 1, 0), (2, 3, 1), (2, 2, 2), (2, 4, 3), (2, 3, 4), (2, 6, 5),  # valid 3 and test 6 stay, the first 3 goes
         (3, 2, 0), (3, 3, 1), (3, 5, 2), (3, 6, 3),  # left [2, 5, 6]: 6 is the test target, no validation
         (4, 1, 0), (4, 3, 1), (4, 6, 2),  # [1, 3, 6] has 3 at a training place, then [1, 6] has 6 there: [1]
@@ -86,14 +87,16 @@ def frame_config(share, split="valid_and_test", seed=0):
 
 def test_a_split_that_leaves_no_cold_target_is_a_config_error():
     # item 5 is only ever a first interaction: holding it out leaves nothing cold to test
-    rows = [(u, 5 if u == 1 else 1, 0) for u in range(1, 3)] + [(u, i, t) for u in range(1, 3) for t, i in enumerate((2, 3, 4), 1)]
+    rows = [(u, 5 if u == 1 else 1, 0) for u in range(1, 3)]
+    rows += [(u, i, t) for u in range(1, 3) for t, i in enumerate((2, 3, 4), 1)]
     dataset = FrameDataset(rows)
     with pytest.raises(ConfigError, match="no cold target"):
         hold_out_cold_items(dataset, frame_config(0.2, seed=_seed_choosing(5, dataset)))
     with pytest.raises(ConfigError, match="holds out no item"):
         hold_out_cold_items(dataset, frame_config(0.01))
     with pytest.raises(ConfigError, match="leave-one-out"):
-        hold_out_cold_items(dataset, frame_config(0.2) | {"eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "TO"}})
+        random_split = {"eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "TO"}}
+        hold_out_cold_items(dataset, frame_config(0.2) | random_split)
     assert hold_out_cold_items(dataset, frame_config(0.0)) is None and len(dataset.inter_feat) == len(rows)
 
 
@@ -120,9 +123,14 @@ def test_cold_items_never_reach_the_training_split(cold_config):
 
     plain = Config(model="SASRec", dataset="scientific", config_dict=cold_config | {"cold_item_share": 0.0})
     _, _, _, plain_test = prepare_data(plain)
-    pairs = {tuple(p) for p in torch.stack([plain_test._dataset.inter_feat[f] for f in ("user_id", "item_id")], 1).tolist()}
-    cold_pairs = {tuple(p) for p in torch.stack([test_data._dataset.inter_feat[f] for f in ("user_id", "item_id")], 1).tolist()}
-    assert cold_pairs <= pairs and len(cold_pairs) >= 0.95 * len(pairs)  # each user's last interaction stays its test target
+
+    def user_item_pairs(loader):
+        columns = [loader._dataset.inter_feat[f] for f in ("user_id", "item_id")]
+        return {tuple(p) for p in torch.stack(columns, 1).tolist()}
+
+    pairs, cold_pairs = user_item_pairs(plain_test), user_item_pairs(test_data)
+    # each user's last interaction stays its test target
+    assert cold_pairs <= pairs and len(cold_pairs) >= 0.95 * len(pairs)
 
 
 def test_buckets_split_warm_targets_by_training_count():

@@ -59,7 +59,8 @@ def choose_cold_items(items: np.ndarray, share: float, seed: int) -> np.ndarray:
     count = int(round(share * len(items)))
     if share > 0 and count == 0:
         raise ConfigError(
-            f"cold_item_share {share} of {len(items)} items holds out no item: raise it to at least {0.5 / len(items):.2g}"
+            f"cold_item_share {share} of {len(items)} items holds out no item: "
+            f"raise it to at least {0.5 / len(items):.2g}"
         )
     return np.sort(np.random.default_rng(seed).choice(items, size=count, replace=False))
 

@@ -1,4 +1,4 @@
-"""``create_dataset`` with file checks first, then RecBole's own construction and caching, then the cold-item hold-out."""
+"""``create_dataset``: file checks first, then RecBole's own construction and caching, then the cold-item hold-out."""
 from __future__ import annotations
 
 from logging import getLogger
@@ -24,7 +24,8 @@ def create_dataset(config):
     if cold is not None:
         getLogger().info(
             f"cold_item_share {config['cold_item_share']}: {len(cold.cold_items)} of {dataset.item_num - 1} items held "
-            f"out of training (seed {config['seed']}); {cold.dropped} training interactions with them dropped; they are "
+            f"out of training (seed {config['seed']}); {cold.dropped} training interactions with them dropped; "
+            "they are "
             f"the test target of {cold.cold_test_targets} of {cold.test_targets} users and the validation target of "
             f"{cold.cold_valid_targets}"
         )
@@ -38,6 +39,7 @@ def create_dataset(config):
     if single:
         getLogger().warning(
             f"{config['dataset']}: {single} user(s) have a single interaction: no training sequence and no "
-            "evaluation target comes from them (filter them with user_inter_num_interval: \"[2,inf)\" or dataset_prep's k-core)"
+            "evaluation target comes from them "
+            "(filter them with user_inter_num_interval: \"[2,inf)\" or dataset_prep's k-core)"
         )
     return dataset

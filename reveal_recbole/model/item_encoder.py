@@ -193,10 +193,13 @@ class REVEALItemEncoder(nn.Module):
         if isinstance(id_dropout, bool) or not isinstance(id_dropout, (int, float)) or not 0 <= id_dropout < 1:
             raise ConfigError(f"id_dropout must be a number in [0, 1), got {id_dropout!r}")
         if id_dropout > 0 and not item_features:
-            raise ConfigError("id_dropout needs at least one modality: without features a dropped ID leaves a zero item")
+            raise ConfigError(
+                "id_dropout needs at least one modality: without features a dropped ID leaves a zero item"
+            )
         if cold_items not in COLD_ITEMS[1:]:
             raise ConfigError(f"cold_items must be one of {COLD_ITEMS[1:]}, got {cold_items!r}")
-        if isinstance(cold_item_neighbours, bool) or not isinstance(cold_item_neighbours, int) or cold_item_neighbours < 1:
+        neighbours = cold_item_neighbours
+        if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 1:
             raise ConfigError(f"cold_item_neighbours must be an integer >= 1, got {cold_item_neighbours!r}")
         if training_counts is not None and tuple(training_counts.shape) != (id_embedding.num_embeddings,):
             raise ValueError(f"training_counts must have one entry per ID row ({id_embedding.num_embeddings}), "
@@ -442,7 +445,7 @@ class REVEALItemEncoder(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The table candidates are scored against (full ranking, CE): fused, or the ID table with ``score_with="id"``."""
+        """The table candidates are scored against (full ranking, CE): fused, or the ID table (``score_with="id"``)."""
         if self.score_with == "id":
             return self.id_embedding.weight
         return self.table()

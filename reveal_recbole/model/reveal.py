@@ -69,7 +69,7 @@ class REVEALRecommender:
         return encoder
 
     def cold_item_settings(self, config, dataset, id_embedding: nn.Embedding, modalities) -> dict:
-        """The encoder's ``training_counts``, ``cold_items`` and ``cold_item_neighbours`` from the config and training split.
+        """The encoder's ``training_counts``, ``cold_items`` and ``cold_item_neighbours`` (config, training split).
 
         ``dataset`` is the training split (RecBole builds models on it). ``auto`` is ``neighbour``
         when that split leaves items without interactions and the model has features (logged),
@@ -88,10 +88,13 @@ class REVEALRecommender:
             getLogger().info(
                 f"cold_items: {mode}{f' -> {resolved}' if mode == 'auto' else ''}: {cold} of {dataset.item_num - 1} "
                 "items have no training interaction: left out of training, represented at evaluation by their "
-                "features" + (" and what their nearest warm items learned (ID, feature fine-tuning)" if resolved == "neighbour" else "")
+                "features"
+                + (" and what their nearest warm items learned (ID, feature fine-tuning)"
+                   if resolved == "neighbour" else "")
             )
         neighbours = config["cold_item_neighbours"]
-        return {"training_counts": counts, "cold_items": resolved, "cold_item_neighbours": 2 if neighbours is None else neighbours}
+        return {"training_counts": counts, "cold_items": resolved,
+                "cold_item_neighbours": 2 if neighbours is None else neighbours}
 
     def calculate_loss(self, interaction):
         with self.item_embedding.shared_table():
@@ -135,7 +138,7 @@ def make_reveal_model(backbone: type, name: str | None = None, register: bool = 
 def register_reveal_model(model_class: type) -> type:
     """Register a REVEAL model with its multimodal dataset class and trainer."""
     from reveal_recbole.data.dataset import MultimodalSequentialDataset
-    from reveal_recbole.trainer import REVEALTrainer
     from reveal_recbole.registry import register_model
+    from reveal_recbole.trainer import REVEALTrainer
 
     return register_model(model_class, MultimodalSequentialDataset, REVEALTrainer)
