@@ -25,7 +25,7 @@ The result is ``<out>/aligner.pt``: point ``fve_aligner_path`` at it.
 
 Usage::
 
-    python dataset_prep/train_aligner.py --generate 2000 --out saved/aligner          # about 2-4 min on 2 cores
+    python dataset_prep/train_aligner.py --generate 1500 --out saved/aligner  # about 8 min on 2 busy cores
     python dataset_prep/train_aligner.py --captions my_images/captions.tsv --out saved/aligner-mine
 """
 from __future__ import annotations
@@ -320,7 +320,7 @@ def train_head(
 
 
 def train_aligner(
-    captions_tsv: Path, out: Path, backbone: PatchBackbone, text_encoder: SentenceEncoder, epochs: int = 20,
+    captions_tsv: Path, out: Path, backbone: PatchBackbone, text_encoder: SentenceEncoder, epochs: int = 12,
     settings: TrainSettings = TrainSettings(), encode_batch_size: int = 32,
 ) -> dict:
     """Read the pairs, encode them once (cached), train the head (resumable) and write ``<out>/aligner.pt``."""
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     source.add_argument("--generate", type=int, metavar="N", help="draw N captioned shape images into <out>/captioned")
     parser.add_argument("--generate-seed", type=int, default=DEFAULT_GENERATE_SEED)
     parser.add_argument("--out", type=Path, default=Path("saved/aligner"))
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--dim", type=int, default=DEFAULT_DIM)

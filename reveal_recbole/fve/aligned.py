@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 ALIGNER_FORMAT = "reveal-aligner-v1"
 DEFAULT_DIM = 256
-TRAIN_COMMAND = "python dataset_prep/train_aligner.py --generate 2000 --out saved/aligner"
+TRAIN_COMMAND = "python dataset_prep/train_aligner.py --generate 1500 --out saved/aligner"
 MAX_LOGIT_SCALE = 100.0
 
 
