@@ -5,15 +5,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from reveal_recbole.fve.aligned import AlignedPromptEncoder
 from reveal_recbole.fve.critic import OfflineCritic
-from reveal_recbole.fve.heatmaps import HeatmapError, changed_prompts, write_heatmaps
+from reveal_recbole.fve.heatmaps import HeatmapError, changed_prompts, main, write_heatmaps
 from reveal_recbole.fve.loop import run_fve
 
 from test_fve_aligned import tiny_encoder
 from test_fve_loop import DATASET, fve_config  # noqa: F401 - the tiny FVE set (a fixture)
 
 
-def test_heatmaps_of_a_tiny_run_are_written(fve_config, tmp_path):  # noqa: F811
+def test_heatmaps_of_a_tiny_run_are_written(fve_config, tmp_path, monkeypatch, capsys):  # noqa: F811
     output = tmp_path / "fve"
     encoder = tiny_encoder()
     run_fve("SASRecREVEAL", DATASET, rounds=1, config_dict=fve_config, encoder=encoder, critic=OfflineCritic(),
@@ -33,3 +34,10 @@ def test_heatmaps_of_a_tiny_run_are_written(fve_config, tmp_path):  # noqa: F811
         write_heatmaps(tmp_path / "empty", encoder, images)
     with pytest.raises(HeatmapError, match="does not exist"):
         changed_prompts(tmp_path / "nowhere")
+
+    # the command line: a missing head is one error; with a head (stand-in networks) it writes the PNG
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(output), "--images", str(images), "--aligner", str(tmp_path / "none.pt")])
+    assert exit_info.value.code == 2 and "train_aligner.py" in capsys.readouterr().err
+    monkeypatch.setattr(AlignedPromptEncoder, "from_aligner", classmethod(lambda cls, path: encoder))
+    assert main([str(output), "--images", str(images), "--items", "2", "--out", str(tmp_path / "cli.png")]).is_file()
