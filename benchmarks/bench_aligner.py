@@ -14,17 +14,14 @@ the first scenes' heatmaps under both prompts.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dataset_prep.train_aligner import _draw, _random_look  # noqa: E402
-from reveal_recbole.fve.aligned import AlignedPromptEncoder  # noqa: E402
-from reveal_recbole.fve.heatmaps import PromptChange, plot_heatmaps  # noqa: E402
+from dataset_prep.train_aligner import _draw, _random_look
+from reveal_recbole.fve.aligned import AlignedPromptEncoder
+from reveal_recbole.fve.heatmaps import PromptChange, plot_heatmaps
 
 BLOCKS = {0: slice(0, 3), 1: slice(4, 7)}  # patch rows / columns of the 7 x 7 map inside each half
 
