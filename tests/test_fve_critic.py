@@ -32,7 +32,7 @@ from reveal_recbole.fve.critic import (
 )
 from reveal_recbole.fve.select import OVER_RANKED_NEGATIVE, UNDER_RANKED_POSITIVE
 
-from test_fve_extract import QwenLikeProcessor, bpe_tokenizer
+from test_fve_extract import QwenLikeProcessor, tiny_qwen2_5_vl
 
 OLD = "An item image of a glue. Item name: Super Glue. Users often mention: gel. Focus on the overall appearance."
 INJECTED_REVIEWS = [
@@ -413,26 +413,9 @@ class QwenChatProcessor(QwenLikeProcessor):
 @pytest.fixture(scope="module")
 def tiny_vlm():
     """A random 1-layer Qwen2.5-VL built from a config and a Qwen-like processor: no download."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
-
-    specials = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>"]
-    tokenizer = bpe_tokenizer(specials)
-    ids = dict(zip(specials, tokenizer.convert_tokens_to_ids(specials)))
-    torch.manual_seed(0)
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
-                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=8,
-                           fullatt_block_indexes=[0]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
-    image_processor = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
-                                            min_pixels=16 * 16, max_pixels=32 * 32)
-    return Qwen2_5_VLForConditionalGeneration(config), QwenChatProcessor(image_processor, tokenizer), ids
+    chat_specials = ("<|im_start|>", "<|im_end|>")
+    model, image_processor, tokenizer, ids = tiny_qwen2_5_vl(chat_specials, max_position_embeddings=8192)
+    return model, QwenChatProcessor(image_processor, tokenizer), ids
 
 
 def test_hf_vision_critic_sees_the_image(tiny_vlm, tmp_path, monkeypatch):

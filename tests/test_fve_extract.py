@@ -140,17 +140,19 @@ class QwenLikeProcessor:
         return encoded
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen():
+def tiny_qwen2_5_vl(extra_specials=(), max_position_embeddings=256):
+    """A random 1-layer Qwen2.5-VL built from a config (no download), its image processor, tokenizer and
+    the ids of the vision special tokens (plus ``extra_specials``)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
 
-    specials = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+    specials = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", *extra_specials]
     tokenizer = bpe_tokenizer(specials)
     ids = dict(zip(specials, tokenizer.convert_tokens_to_ids(specials)))
     torch.manual_seed(0)
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=max_position_embeddings,
                          rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
                          bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id),
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
@@ -161,7 +163,13 @@ def tiny_qwen():
     )
     image_processor = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
                                             min_pixels=16 * 16, max_pixels=32 * 32)
-    return Qwen2_5_VLForConditionalGeneration(config), QwenLikeProcessor(image_processor, tokenizer)
+    return Qwen2_5_VLForConditionalGeneration(config), image_processor, tokenizer, ids
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen():
+    model, image_processor, tokenizer, _ = tiny_qwen2_5_vl()
+    return model, QwenLikeProcessor(image_processor, tokenizer)
 
 
 def test_vlm_prompt_encoder_with_a_tiny_qwen2_5_vl(tiny_qwen):
