@@ -121,3 +121,31 @@ def test_resume_points_can_be_switched_off(settings):
     with pytest.raises(Crash):
         trainer.fit(train_data, valid_data, callback_fn=crash_after(1))
     assert written == [] and not os.path.exists(trainer.resume_file)
+
+
+def test_runs_started_in_the_same_second_keep_their_own_checkpoints(settings, monkeypatch, tmp_path):
+    import gc
+
+    import recbole.trainer.trainer as recbole_trainer
+
+    from reveal_recbole.recbole_seam import load_checkpoint
+
+    monkeypatch.setattr(recbole_trainer, "get_local_time", lambda: "Dec-01-2026_00-00-00")
+    settings = settings | {"epochs": 1, "checkpoint_dir": str(tmp_path)}
+    _, first_net, first, train_data, valid_data, _ = build(settings)
+    _, second_net, second, *_ = build(settings, model_seed=7)
+    assert first.saved_model_file != second.saved_model_file
+    first.fit(train_data, valid_data)
+    second.fit(train_data, valid_data)
+    for net, trainer in ((first_net, first), (second_net, second)):
+        saved = load_checkpoint(trainer.saved_model_file, map_location="cpu")["state_dict"]
+        assert all(torch.equal(saved[key], value) for key, value in net.state_dict().items())
+
+    _, _, unused, *_ = build(settings)  # a trainer that never saves leaves no empty file behind
+    claimed = unused.saved_model_file
+    assert os.path.getsize(claimed) == 0
+    del unused
+    gc.collect()
+    assert not os.path.exists(claimed)
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == sorted(
+        os.path.basename(t.saved_model_file) for t in (first, second))

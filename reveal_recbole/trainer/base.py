@@ -18,6 +18,11 @@ Two named mixins, composed once in :class:`TrainerExtensions` and placed before 
   without one), so later runs in the same process (``compare``, seeds) would write into the first
   run's folder: a run whose folder is not its own gets ``log_tensorboard/<model>-<dataset>-<time>``.
 - DDP ranks no longer race to create the checkpoint folder (RecBole's check-then-create).
+- Unique checkpoint names: RecBole names the best-model file ``<model>-<time to the second>.pth``,
+  so two runs of one model started in the same second (seeds in one ``compare``, parallel
+  processes) would overwrite each other's best model and test the wrong one. Each trainer claims
+  its name (an empty file created exclusively; ``-2``, ``-3``... when taken), removed again if no
+  checkpoint was ever written into it.
 - Checkpoints load under torch >= 2.6 (``recbole_seam.load_checkpoint``, the one loading policy).
 - Resume points after every epoch, and atomic checkpoints (``trainer/resume.py``).
 """
@@ -27,6 +32,7 @@ import contextlib
 import functools
 import os
 import time
+import weakref
 from typing import Mapping
 
 import torch.distributed as dist
@@ -58,6 +64,25 @@ def _own_tensorboard(writer: SummaryWriter, config) -> SummaryWriter:
     return writer
 
 
+def claim_checkpoint_name(path: str) -> str:
+    """``path``, or ``<stem>-<n><ext>`` if taken: the first name this process creates exclusively."""
+    stem, ext = os.path.splitext(path)
+    candidate, n = path, 2
+    while True:
+        try:
+            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return candidate
+        except FileExistsError:
+            candidate, n = f"{stem}-{n}{ext}", n + 1
+
+
+def _remove_if_empty(path: str) -> None:
+    """Drop a claimed checkpoint name that never received a checkpoint."""
+    with contextlib.suppress(OSError):
+        if os.path.getsize(path) == 0:
+            os.remove(path)
+
+
 class _NoTensorboard:
     """Stands in for the SummaryWriter on ranks > 0: every call is a no-op."""
 
@@ -76,6 +101,9 @@ class RunSupportMixin:
             super().__init__(config, model)
         if cpu_ddp:
             self.distributed_model = DistributedDataParallel(self.model)
+        if is_main_process(config):
+            self.saved_model_file = claim_checkpoint_name(self.saved_model_file)
+            weakref.finalize(self, _remove_if_empty, self.saved_model_file)
         if is_distributed(config):
             self.saved_model_file = broadcast_from_rank0(self.saved_model_file)
             if not is_main_process(config):
