@@ -30,6 +30,26 @@ Output (``--out``, default ``dataset/<name>``), all files byte-identical for the
 * ``<name>.truth.tsv``: the hidden labels (item, hue, shape, texture, category) and
   ``<name>.user_tastes.tsv`` (user, hue, shape), for analysis only; no model input uses them.
 
+**A cluttered world, where the prompt matters** (FVE, issue 12). With ``--distractors D`` (1-3)
+each image is a 2 x 2 layout: the item's own object (the cue users' taste depends on) in one
+cell and D distractor objects, each of another of the world's shapes and a hue at least
+:data:`DISTRACTOR_HUE_GAP` degrees away, in others, so pooling over the whole image mixes the
+distractors in and only a prompt that names the item's object can single it out.
+``<name>.regions.tsv`` (item, the item cell's box ``x0 y0 x1 y1`` in pixels, end exclusive, the
+image size, and the distractors) records where the item's object is, for analysis only. With
+``--reviews P`` each *training* interaction (all but a user's last two, which leave-one-out
+makes the validation and test targets) gets a review with probability P, written to
+``<name>.reviews`` (``item_id<TAB>review``, as ``reveal_recbole.fve.sources`` reads it): with
+probability ``--review-filler`` it says nothing useful, with ``--review-distractor`` it names a
+distractor's colour and shape (in an image without distractors: nothing useful), otherwise the
+item's own colour name (the nearest of :data:`COLOURS`) and shape. The ``.item`` file stays
+category-only, so no title or keyword gives the cue away. Both flags default to 0, which
+leaves every file byte-identical to a run without them. The named preset is
+``properties/dataset/synthetic_clutter.yaml``::
+
+    python dataset_prep/make_synthetic.py --name synthetic_clutter --users 1200 --items 500 --distractors 2 \
+        --reviews 0.6 --max-len 12
+
 Usage::
 
     python dataset_prep/make_synthetic.py                      # dataset/synthetic, seed 0
@@ -57,6 +77,25 @@ CATEGORIES = (
     "home decor", "toys", "sports gear", "office supplies", "kitchen goods", "garden tools", "bath goods",
     "pet supplies",
 )
+# Colour names and their hues (degrees): review and caption wording for a hue.
+COLOURS = (("red", 0), ("orange", 30), ("yellow", 55), ("green", 120), ("cyan", 180), ("blue", 225),
+           ("purple", 275), ("pink", 320))
+DISTRACTOR_HUE_GAP = 45.0  # a distractor's hue is at least this far (degrees) from the item's
+MAX_DISTRACTORS = 3  # the other three cells of the 2 x 2 layout
+CUE_REVIEWS = (
+    "love the {colour} {shape}", "the {colour} {shape} looks great on my shelf",
+    "my kid wanted a {colour} {shape} and this is it", "such a nice {colour} {shape}",
+    "the {colour} {shape} is exactly as pictured", "bought it for the {colour} {shape}",
+)
+DISTRACTOR_REVIEWS = (
+    "the {colour} {shape} beside it is nice too", "did not expect the {colour} {shape} in the photo",
+    "the {colour} {shape} in the picture is not included",
+)
+FILLER_REVIEWS = (
+    "arrived quickly and well packed", "good value for the price", "a gift for my sister, she was happy",
+    "shipping took a week", "works as described", "would order from this seller again",
+    "the box was a bit damaged", "fine quality for everyday use",
+)
 
 
 @dataclass
@@ -74,6 +113,10 @@ class Params:
     image_size: int = 64
     text_dim: int = 32
     seed: int = 0
+    distractors: int = 0
+    reviews: float = 0.0
+    review_filler: float = 0.3
+    review_distractor: float = 0.2
 
     def check(self) -> None:
         limits = {"shapes": len(SHAPES), "textures": len(TEXTURES), "categories": len(CATEGORIES)}
@@ -88,6 +131,13 @@ class Params:
             raise ValueError("need 0 <= --noise <= 1, --pixel-noise >= 0, --image-size >= 16, --text-dim >= 1")
         if self.hue_width <= 0:
             raise ValueError("need --hue-width > 0")
+        if not 0 <= self.distractors <= MAX_DISTRACTORS:
+            raise ValueError(f"--distractors must be between 0 and {MAX_DISTRACTORS}")
+        if self.distractors and self.shapes < 2:
+            raise ValueError("--distractors needs --shapes >= 2 (a distractor has another shape than the item)")
+        if not (0 <= self.reviews <= 1 and 0 <= self.review_filler and 0 <= self.review_distractor
+                and self.review_filler + self.review_distractor <= 1):
+            raise ValueError("need 0 <= --reviews <= 1 and --review-filler, --review-distractor >= 0 summing to <= 1")
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -154,10 +204,79 @@ def draw_item(
                 if ((x - offset) // step + (y - offset) // step) % 2 == 0:
                     tex.rectangle([x, y, x + step - 1, y + step - 1], fill=dark)
     image.paste(layer, (0, 0), mask)
-    if pixel_noise > 0:
-        pixels = np.asarray(image, dtype=np.float64) + rng.normal(0.0, pixel_noise, (size, size, 3))
-        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
-    return image
+    return add_pixel_noise(image, rng, pixel_noise)
+
+
+def add_pixel_noise(image: Image.Image, rng: np.random.Generator, pixel_noise: float) -> Image.Image:
+    """The image plus Gaussian noise of std ``pixel_noise`` (0-255 scale), rounded and clipped; as is for 0."""
+    if pixel_noise <= 0:
+        return image
+    width, height = image.size
+    pixels = np.asarray(image, dtype=np.float64) + rng.normal(0.0, pixel_noise, (height, width, 3))
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
+
+
+Look = tuple[float, str, str]  # hue (degrees), shape, texture
+
+
+def colour_name(hue: float) -> str:
+    """The name in :data:`COLOURS` nearest to ``hue`` on the colour wheel: how a review or caption says it."""
+    return min(COLOURS, key=lambda named: abs((hue - named[1] + 180.0) % 360.0 - 180.0))[0]
+
+
+def distractor_looks(item: Look, count: int, shapes: list[str], textures: list[str],
+                     rng: np.random.Generator) -> list[Look]:
+    """``count`` distractors for an item: each another of ``shapes`` and a hue at least
+    :data:`DISTRACTOR_HUE_GAP` degrees from the item's, so none shares the cue users look for."""
+    hue, shape, _ = item
+    others = [s for s in shapes if s != shape]
+    looks = []
+    for _ in range(count):
+        other_hue = (hue + rng.uniform(DISTRACTOR_HUE_GAP, 360.0 - DISTRACTOR_HUE_GAP)) % 360.0
+        looks.append((other_hue, others[int(rng.integers(len(others)))], textures[int(rng.integers(len(textures)))]))
+    return looks
+
+
+def draw_scene(item: Look, distractors: list[Look], size: int, rng: np.random.Generator,
+               pixel_noise: float) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """A cluttered item image and the item's region: a 2 x 2 layout on a tinted background, the item's
+    object in a random cell and each distractor in another (as :func:`draw_item` draws them, at half
+    size), pixel noise over all. The region is the item cell's box ``(x0, y0, x1, y1)``, end exclusive."""
+    half = size // 2
+    image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(215, 256, 3)))
+    cells = [int(c) for c in rng.permutation(4)[: 1 + len(distractors)]]
+    for cell, (hue, shape, texture) in zip(cells, [item, *distractors]):
+        drawn = draw_item(hue_colour(hue, rng), shape, texture, half, rng, pixel_noise=0.0)
+        image.paste(drawn, ((cell % 2) * half, (cell // 2) * half))
+    x0, y0 = (cells[0] % 2) * half, (cells[0] // 2) * half
+    return add_pixel_noise(image, rng, pixel_noise), (x0, y0, x0 + half, y0 + half)
+
+
+def write_review(item: Look, distractors: list[Look], params: Params, rng: np.random.Generator) -> str:
+    """One review of an item: filler (``review_filler``), a distractor's colour and shape
+    (``review_distractor``; filler when there is none), else the item's own colour and shape."""
+    draw = rng.random()
+    if draw < params.review_filler or (draw < params.review_filler + params.review_distractor and not distractors):
+        return FILLER_REVIEWS[int(rng.integers(len(FILLER_REVIEWS)))]
+    if draw < params.review_filler + params.review_distractor:
+        named, templates = distractors[int(rng.integers(len(distractors)))], DISTRACTOR_REVIEWS
+    else:
+        named, templates = item, CUE_REVIEWS
+    template = templates[int(rng.integers(len(templates)))]
+    return template.format(colour=colour_name(named[0]), shape=named[1])
+
+
+def training_reviews(sequences: list[list[int]], tokens: list[str], looks: list[Look], distractors: list[list[Look]],
+                     params: Params) -> list[str]:
+    """``item_id<TAB>review`` lines for the training interactions only (a user's last two are the
+    validation and test targets under leave-one-out), each reviewed with probability ``params.reviews``."""
+    rng = np.random.default_rng([params.seed, 5])
+    lines = []
+    for sequence in sequences:
+        for item in sequence[:-2]:
+            if rng.random() < params.reviews:
+                lines.append(f"{tokens[item]}\t{write_review(looks[item], distractors[item], params, rng)}")
+    return lines
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -267,13 +386,24 @@ def generate(params: Params, out: Path, name: str) -> dict:
     used = sorted({i for seq in sequences for i in seq})  # items no user chose are left out
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
-    descriptors = []
+    looks = [(float(hue[i]), shapes[shape[i]], textures[texture[i]]) for i in range(params.items)]
+    distractors = [
+        distractor_looks(looks[i], params.distractors, shapes, textures, np.random.default_rng([params.seed, 4, i]))
+        if params.distractors else [] for i in range(params.items)
+    ]
+    descriptors, regions = [], []
     for i in progress(used, "draw items", unit="images"):
         image_rng = np.random.default_rng([params.seed, 1, i])
-        colour = hue_colour(hue[i], image_rng)
-        image = draw_item(
-            colour, shapes[shape[i]], textures[texture[i]], params.image_size, image_rng, params.pixel_noise
-        )
+        if params.distractors:
+            image, (x0, y0, x1, y1) = draw_scene(looks[i], distractors[i], params.image_size, image_rng,
+                                                 params.pixel_noise)
+            named = ";".join(f"{colour_name(h)} {s}" for h, s, _ in distractors[i])
+            regions.append(f"{tokens[i]}\t{x0}\t{y0}\t{x1}\t{y1}\t{params.image_size}\t{params.image_size}\t{named}")
+        else:
+            colour = hue_colour(hue[i], image_rng)
+            image = draw_item(
+                colour, shapes[shape[i]], textures[texture[i]], params.image_size, image_rng, params.pixel_noise
+            )
         path = out / "images" / f"{tokens[i]}.png"
         atomic_write_bytes(path, png_bytes(image))
         with Image.open(path) as stored:  # the descriptor sees only what is on disk
@@ -307,6 +437,15 @@ def generate(params: Params, out: Path, name: str) -> dict:
     ]
     atomic_write_text(out / f"{name}.truth.tsv", "\n".join(["item_id\thue\tshape\ttexture\tcategory", *truth]) + "\n")
     atomic_write_text(out / f"{name}.user_tastes.tsv", "\n".join(["user_id\thue\tshape", *user_tastes]) + "\n")
+    for suffix, lines, header in (
+        ("regions.tsv", regions, "item_id\tx0\ty0\tx1\ty1\twidth\theight\tdistractors"),
+        ("reviews", training_reviews(sequences, tokens, looks, distractors, params) if params.reviews else [],
+         "item_id\treview"),
+    ):
+        if lines:
+            atomic_write_text(out / f"{name}.{suffix}", "\n".join([header, *lines]) + "\n")
+        else:  # none asked for: a file left by an earlier run with other flags would mislead
+            (out / f"{name}.{suffix}").unlink(missing_ok=True)
 
     result = {"users": params.users, "items": len(used), "interactions": n_rows,
               "seconds": time.perf_counter() - start, "params": asdict(params)}
@@ -327,6 +466,10 @@ def main(argv: list[str] | None = None) -> dict:
         "hue_width": "how far (degrees, one std) from the favourite hue a user's choices spread",
         "pixel_noise": "std of Gaussian pixel noise (0-255 scale)", "image_size": "image side in pixels",
         "text_dim": "dimension of the category text feature", "seed": "random seed (same seed, same bytes)",
+        "distractors": f"distractor objects per image, 0-{MAX_DISTRACTORS} (0: one object per image)",
+        "reviews": "probability that a training interaction gets a review in <name>.reviews (0: no file)",
+        "review_filler": "share of reviews that say nothing about the look",
+        "review_distractor": "share of reviews that name a distractor's colour and shape",
     }
     for key, value in asdict(defaults).items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value,

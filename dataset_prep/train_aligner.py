@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 
 from dataset_prep.common import progress
-from dataset_prep.make_synthetic import SHAPES, TEXTURES, draw_item, hue_colour, png_bytes
+from dataset_prep.make_synthetic import COLOURS, SHAPES, TEXTURES, draw_item, hue_colour, png_bytes
 from reveal_recbole.atomic import atomic_target, atomic_write_bytes, atomic_write_text
 from reveal_recbole.errors import UserInputError
 from reveal_recbole.fve.aligned import (
@@ -62,8 +62,6 @@ logger = logging.getLogger("train_aligner")
 CHECKPOINT = "checkpoint.pt"
 ALIGNER = "aligner.pt"
 CHECKPOINT_FORMAT = "reveal-aligner-checkpoint-v1"
-COLOURS = (("red", 0), ("orange", 30), ("yellow", 55), ("green", 120), ("cyan", 180), ("blue", 225),
-           ("purple", 275), ("pink", 320))
 TEXTURE_WORDS = {"plain": "plain", "stripes": "striped", "dots": "dotted", "checks": "checked"}
 DEFAULT_GENERATE_SEED = 9173  # not the synthetic world's seeds: the aligner never sees its items
 

@@ -147,3 +147,84 @@ def test_sasrec_reveal_learns_more_from_the_images_than_from_the_text(tmp_path, 
         result = run_reveal(model="SASRecREVEAL", dataset="synthetic", config_dict=config, saved=True)
         ndcg[modality] = float(result["test_result"]["ndcg@10"])
     assert ndcg["image"] > ndcg["text"] + MARGIN, ndcg
+
+
+# ---- the cluttered world (issue 12) -------------------------------------------------------------
+
+CLUTTER = SMALL + ["--distractors", "2", "--reviews", "0.8", "--image-size", "64"]
+
+
+def rows(path: Path) -> list[list[str]]:
+    return [line.split("\t") for line in path.read_text().splitlines()[1:]]
+
+
+def saturated_hues(pixels: np.ndarray) -> np.ndarray:
+    """Hues (degrees) of the clearly coloured pixels of an RGB array (backgrounds are pale, objects saturated)."""
+    hsv = np.asarray(Image.fromarray(pixels).convert("HSV"), dtype=np.float64)
+    return hsv[..., 0][hsv[..., 1] > 0.45 * 255] / 255 * 360
+
+
+def hue_gap(a: np.ndarray, b: float) -> np.ndarray:
+    return np.abs((a - b + 180) % 360 - 180)
+
+
+def test_defaults_unchanged_by_the_clutter_flags(tmp_path):
+    make_synthetic.main(SMALL + ["--out", str(tmp_path / "a")])
+    make_synthetic.main(SMALL + ["--out", str(tmp_path / "b"), "--distractors", "0", "--reviews", "0"])
+    assert files(tmp_path / "a") == files(tmp_path / "b")
+    assert not any(name.endswith((".reviews", ".regions.tsv")) for name in files(tmp_path / "a"))
+    token, hue, shape, texture, _ = rows(tmp_path / "a" / "synthetic.truth.tsv")[0]
+    rng = np.random.default_rng([0, 1, int(token[4:])])  # the default image is still one drawn object
+    expected = make_synthetic.draw_item(make_synthetic.hue_colour(float(hue), rng), shape, texture, 32, rng, 8.0)
+    with Image.open(tmp_path / "a" / "images" / f"{token}.png") as stored:
+        drawn = np.asarray(stored)
+    assert np.abs(drawn.astype(int) - np.asarray(expected).astype(int)).max() <= 1  # the truth file rounds the hue
+
+
+def test_clutter_world_is_deterministic_and_its_regions_hold_the_item(tmp_path):
+    make_synthetic.main(CLUTTER + ["--out", str(tmp_path / "a")])
+    make_synthetic.main(CLUTTER + ["--out", str(tmp_path / "b")])
+    a = files(tmp_path / "a")
+    assert a == files(tmp_path / "b")
+    truth = {r[0]: (float(r[1]), r[2]) for r in rows(tmp_path / "a" / "synthetic.truth.tsv")}
+    regions = rows(tmp_path / "a" / "synthetic.regions.tsv")
+    assert sorted(r[0] for r in regions) == sorted(truth)
+    for token, x0, y0, x1, y1, width, height, distractors in regions:
+        x0, y0, x1, y1 = (int(v) for v in (x0, y0, x1, y1))
+        assert (x1 - x0, y1 - y0, width, height) == (32, 32, "64", "64") and x0 in (0, 32) and y0 in (0, 32)
+        named = distractors.split(";")
+        assert len(named) == 2 and all(d.split()[1] != truth[token][1] for d in named)  # other shapes
+        with Image.open(tmp_path / "a" / "images" / f"{token}.png") as png:
+            pixels = np.asarray(png)
+        inside = saturated_hues(pixels[y0:y1, x0:x1])
+        assert np.median(hue_gap(inside, truth[token][0])) < 15  # the item's own object is in its region
+        cells = [pixels[y:y + 32, x:x + 32] for y in (0, 32) for x in (0, 32) if (x, y) != (x0, y0)]
+        others = [hue_gap(saturated_hues(cell), truth[token][0]) for cell in cells]
+        coloured = [gap for gap in others if gap.size > 100]
+        assert len(coloured) == 2 and all(np.median(gap) > 30 for gap in coloured)  # two distractors, other hues
+
+
+def test_reviews_come_from_training_interactions_only_and_name_the_cues(tmp_path):
+    out = tmp_path / "syn"
+    make_synthetic.main(SMALL + ["--out", str(out), "--distractors", "1", "--reviews", "1.0"])
+    training = sorted(item for events in read_inter(out / "synthetic.inter").values() for item, _ in events[:-2])
+    reviews = rows(out / "synthetic.reviews")
+    assert sorted(item for item, _ in reviews) == training  # every training interaction, nothing else
+    truth = {r[0]: (float(r[1]), r[2]) for r in rows(out / "synthetic.truth.tsv")}
+    distractor = {r[0]: r[7] for r in rows(out / "synthetic.regions.tsv")}
+    kinds = {"cue": 0, "distractor": 0, "filler": 0}
+    for item, text in reviews:
+        cue = f"{make_synthetic.colour_name(truth[item][0])} {truth[item][1]}"
+        kind = "cue" if cue in text else "distractor" if distractor[item] in text else "filler"
+        assert kind != "filler" or text in make_synthetic.FILLER_REVIEWS
+        kinds[kind] += 1
+    assert all(kinds.values()), kinds  # some name the item, some a distractor, some nothing
+    assert kinds["cue"] > kinds["distractor"] and kinds["cue"] > kinds["filler"]
+
+    make_synthetic.main(SMALL + ["--out", str(out), "--review-filler", "0", "--review-distractor", "0",
+                                 "--reviews", "0.5"])
+    assert not (out / "synthetic.regions.tsv").exists()  # a stale file of the earlier flags is removed
+    assert all(f"{make_synthetic.colour_name(truth[i][0])} {truth[i][1]}" in text
+               for i, text in rows(out / "synthetic.reviews"))
+    item_text = (out / "synthetic.item").read_text()
+    assert not any(word in item_text for word in make_synthetic.SHAPES + ("red", "blue", "green"))
