@@ -27,6 +27,7 @@ from reveal_recbole.fve.aligned import (
     AlignedPromptEncoder,
     AlignerError,
     AlignmentHead,
+    UniformPoolingEncoder,
     head_digest,
     load_aligner,
     save_aligner,
@@ -232,3 +233,17 @@ def test_extract_features_offers_the_aligned_encoder_with_the_same_error(tmp_pat
 
     with pytest.raises(ExtractError, match=r"no trained alignment head .*train_aligner\.py"):
         build_image_encoder("aligned", str(tmp_path / "aligner.pt"), "cpu")
+
+
+def test_uniform_pooling_is_the_aligned_encoder_without_its_prompt():
+    encoder = tiny_encoder()
+    uniform = UniformPoolingEncoder(encoder.backbone, encoder.text_encoder, encoder.head)
+    images = [image(1), image(2)]
+    features = uniform.encode(images, ["a red star", "a blue dotted circle"])
+    assert np.array_equal(features, uniform.encode(images, ["", "anything"]))  # the prompt changes nothing
+    embedded = encoder.patch_embeddings(images)
+    expected = torch.nn.functional.normalize(embedded.mean(dim=1), dim=-1).numpy()
+    assert np.allclose(features, expected, atol=1e-6)  # the plain mean of the same projected patches
+    assert np.allclose(uniform.patch_weights(images, ["x", "y"]), 1 / 16)
+    assert not uniform.conditions_on_prompt and uniform.name != encoder.name and uniform.dim == encoder.dim
+    assert not np.allclose(encoder.encode(images, ["a red star", "a blue dotted circle"]), features)

@@ -286,6 +286,36 @@ def test_critic_that_sees_images_gets_each_hard_items_image(fve_config, tmp_path
     assert notes == {request.item: request.image_note for request in critic.requests}
 
 
+def test_rounds_report_region_attention_extraction_cost_and_call_on_round(fve_config, tmp_path):
+    """With <dataset>.regions.tsv and a patch-pooling encoder, every round says where its prompts look."""
+    from test_fve_aligned import tiny_encoder
+
+    tokens = item_tokens(Path(fve_config["data_path"]))
+    regions = ["item_id\tx0\ty0\tx1\ty1\twidth\theight"] + [f"{t}\t0\t0\t4\t4\t8\t8" for t in tokens]
+    (Path(fve_config["data_path"]) / DATASET / f"{DATASET}.regions.tsv").write_text("\n".join(regions) + "\n")
+    seen = []
+    config = {**fve_config, "fve_keep_alpha": 1.0}
+    result = run_fve("SASRecREVEAL", DATASET, rounds=1, config_dict=config, encoder=tiny_encoder(),
+                     critic=OfflineCritic(), output_dir=tmp_path / "regions",
+                     on_round=lambda run, state, features: seen.append((state.round, features.shape)))
+    assert [r for r, _ in seen] == [0, 1] and seen[0][1] == (len(tokens), 8)
+    first, second = result["rounds"]
+    with_image = len(tokens) - NO_IMAGE
+    assert first["encoded"] == with_image and first["extract_seconds"] > 0
+    rows = [r for r in history(tmp_path / "regions") if r["round"] == 1]
+    changed = [r for r in rows if r["changed"]]
+    assert second["encoded"] == sum(r["item"] in tokens[NO_IMAGE:] for r in changed) > 0  # only changed prompts
+    assert first["attention"]["uniform"] == pytest.approx(0.25)  # a quarter of the tiny 4 x 4 grid
+    assert first["attention"]["kept"] == first["attention"]["mean"] and 0 < first["attention"]["mean"] < 1
+    attention = second["attention"]
+    assert attention["changed_items"] == sum(r["item"] in tokens[NO_IMAGE:] for r in changed)
+    with_mass = [r for r in changed if r["attention"] is not None]
+    assert attention["changed"] == pytest.approx(np.mean([r["attention"] for r in with_mass]))
+    assert attention["changed_before"] == pytest.approx(np.mean([r["attention_before"] for r in with_mass]))
+    assert attention["kept"] == pytest.approx(attention["mean"] if second["kept"] else first["attention"]["mean"])
+    assert all(r["attention"] is None for r in changed if r["item"] in tokens[:NO_IMAGE])  # no image, no mass
+
+
 def test_cli_dispatches_to_the_loop(fve_config, tmp_path, monkeypatch):
     cli = load_script("run_reveal")
     monkeypatch.setattr(loop, "build_encoder", lambda config: StandInEncoder())

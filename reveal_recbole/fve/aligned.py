@@ -123,11 +123,15 @@ class AlignmentHead(torch.nn.Module):
         L2-normalised weighted mean of the projected patches.
         """
         projected = self.image_proj(patches)
+        weights = self.pooling_weights(projected, prompts)
+        return weighted_patch_mean(weights, projected), weights
+
+    def pooling_weights(self, projected: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """``(B, P)`` softmax(scale * cos(projected patch, projected prompt)) for already projected patches."""
         similarity = torch.einsum(
             "bpd,bd->bp", F.normalize(projected, dim=-1), F.normalize(self.text_proj(prompts), dim=-1)
         )
-        weights = torch.softmax(self.scale * similarity, dim=1)
-        return F.normalize(torch.einsum("bp,bpd->bd", weights, projected), dim=-1), weights
+        return torch.softmax(self.scale * similarity, dim=1)
 
     def contrastive_logits(self, patches: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
         """``(B, B)`` logits: entry (i, j) is scale * cos(image i pooled under caption j, caption j).
@@ -141,6 +145,11 @@ class AlignmentHead(torch.nn.Module):
         weights = torch.softmax(self.scale * similarity, dim=2)
         pooled = F.normalize(torch.einsum("ijp,ipd->ijd", weights, projected), dim=-1)
         return self.scale * torch.einsum("ijd,jd->ij", pooled, text)
+
+
+def weighted_patch_mean(weights: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+    """The L2-normalised mean of projected patches ``(B, P, d)`` under pooling weights ``(B, P)``."""
+    return F.normalize(torch.einsum("bp,bpd->bd", weights, projected), dim=-1)
 
 
 def contrastive_loss(head: AlignmentHead, patches: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
@@ -239,12 +248,25 @@ class AlignedPromptEncoder(ImageEncoder):
         return self.backbone.prepare(image)
 
     @torch.no_grad()
+    def patch_embeddings(self, images: list[Image.Image]) -> torch.Tensor:
+        """``(B, P, dim)`` patch tokens projected into the shared space: the prompt-independent part of
+        :meth:`encode`, worth keeping when the same images are pooled under many prompts."""
+        return self.head.image_proj(self.backbone.patch_tokens(images).float())
+
+    @torch.no_grad()
+    def pooling_weights(self, embedded: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """``(B, P)`` pooling weights of :meth:`patch_embeddings` under ``prompts``."""
+        if len(embedded) != len(prompts):
+            raise ValueError(f"{len(embedded)} images but {len(prompts)} prompts")
+        text = torch.from_numpy(np.asarray(self.text_encoder.encode(list(prompts)), dtype=np.float32))
+        return self.head.pooling_weights(embedded, text)
+
     def _pool(self, images: list[Image.Image], prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        patches = self.backbone.patch_tokens(images).float()
-        text = torch.from_numpy(np.asarray(self.text_encoder.encode(list(prompts)), dtype=np.float32))
-        return self.head(patches, text)
+        embedded = self.patch_embeddings(images)
+        weights = self.pooling_weights(embedded, prompts)
+        return weighted_patch_mean(weights, embedded), weights
 
     def encode(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
         return self._pool(images, prompts)[0].numpy().astype(np.float32, copy=False)
@@ -252,3 +274,21 @@ class AlignedPromptEncoder(ImageEncoder):
     def patch_weights(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
         """``(B, P)`` float32 pooling weights (rows sum to 1); reshape to the backbone's grid (7 x 7) for a heatmap."""
         return self._pool(images, prompts)[1].numpy().astype(np.float32, copy=False)
+
+
+class UniformPoolingEncoder(AlignedPromptEncoder):
+    """The aligned encoder without its prompt: the same projected patches, pooled with equal weights.
+
+    The honest "no prompt" control for FVE with the aligned encoder: same networks, same head, same
+    feature space and size, only the prompt's choice of patches removed. It ignores prompts
+    (``conditions_on_prompt = False``), so FVE rounds after round 0 change nothing with it.
+    """
+
+    POOLING = "aligned-uniform-patches-v1"
+    conditions_on_prompt = False
+
+    @torch.no_grad()
+    def pooling_weights(self, embedded: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        if len(embedded) != len(prompts):
+            raise ValueError(f"{len(embedded)} images but {len(prompts)} prompts")
+        return torch.full(embedded.shape[:2], 1.0 / embedded.shape[1])

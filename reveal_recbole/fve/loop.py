@@ -33,6 +33,12 @@ Everything a run produces lives in one output folder (``fve_output_dir``, defaul
   dataset feature format: point ``feature_dir`` at it and a plain run uses them;
 - ``round-NNN/``: each round's model checkpoint; ``cache/``: the feature cache
   (``fve_cache_dir`` to share one between runs); ``result.json``: scores and the final test.
+
+Each round's summary also has the seconds spent extracting features and the number of images
+encoded (cache misses), and, when the dataset records where each item's object is
+(``<dataset>.regions.tsv``) and the encoder exposes patch weights, ``attention``: the share of
+patch weight on the item's region (``fve.attention``) over all items and over the items whose
+prompt the round changed, before and after (per item in the history rows).
 """
 from __future__ import annotations
 
@@ -43,7 +49,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -60,6 +66,7 @@ from reveal_recbole.data.features import (
     write_item_features,
 )
 from reveal_recbole.errors import ConfigError
+from reveal_recbole.fve.attention import RegionAttention, attention_summary, read_item_regions
 from reveal_recbole.fve.critic import Critic, OfflineCritic, build_critic_request
 from reveal_recbole.fve.extract import ImageEncoder, ItemImage, extract_item_features
 from reveal_recbole.fve.feedback import RankFeedback, collect_valid_feedback
@@ -88,6 +95,7 @@ DEFAULT_ALIGNER = "saved/aligner/aligner.pt"  # where dataset_prep/train_aligner
 CRITICS = ("offline", "hf", "hf-vlm", "openai")
 KEYWORDS = 5  # review keywords per item, in the prompt and the critic request
 PROMPT_BLIND = "encoder ignores prompts"  # the reason recorded for the rounds of such an encoder
+REGIONS_SUFFIX = "regions.tsv"  # <dataset>.regions.tsv: where each item's own object is (analysis only)
 
 
 class FVEError(ConfigError):
@@ -296,6 +304,7 @@ class FVERun:
             raise FVEError(str(error)) from None
         self.critic_image = bool(config["fve_critic_image"])
         self._told_text_only = False
+        self._region_attention: RegionAttention | None = None
 
     @staticmethod
     def _build_dataset(config) -> MultimodalSequentialDataset:
@@ -334,6 +343,35 @@ class FVERun:
             logger.warning(f"fve_critic_image is set, but the critic {self.critic.name} cannot see images: text only")
             self._told_text_only = True
         return False
+
+    @property
+    def region_attention(self) -> RegionAttention | None:
+        """Region attention of this run's encoder, when the dataset has ``<dataset>.regions.tsv`` and the
+        encoder has patch weights (None otherwise); its images are read on first use."""
+        if self._region_attention is None and RegionAttention.supports(self.encoder):
+            path = Path(self.config["data_path"]) / f"{self.config['dataset']}.{REGIONS_SUFFIX}"
+            regions = read_item_regions(path)
+            if regions:
+                paths = {token: self.images.path(token) for token in self.tokens}
+                self._region_attention = RegionAttention(self.encoder, regions, paths)
+                logger.info(f"FVE region attention: {len(self._region_attention.tokens)} items with a region in {path}")
+        return self._region_attention
+
+    def attention(self, before: Mapping[str, str], after: Mapping[str, str],
+                  changed: Sequence[str]) -> tuple[dict | None, dict[str, float], dict[str, float]]:
+        """The round's :func:`~reveal_recbole.fve.attention.attention_summary` and the per-item masses under
+        ``before`` and ``after`` prompts; (None, {}, {}) without region attention."""
+        regions = self.region_attention
+        if regions is None:
+            return None, {}, {}
+        old, new = regions.mass(before), regions.mass(after)
+        return attention_summary(old, new, changed, regions.uniform()), old, new
+
+    def timed_extract(self, prompts: Mapping[str, str]) -> tuple[np.ndarray, dict[str, float]]:
+        """:meth:`extract` and what it cost: seconds and images encoded (cache misses)."""
+        misses, begin = self.cache.misses, time.perf_counter()
+        features = self.extract(prompts)
+        return features, {"extract_seconds": time.perf_counter() - begin, "encoded": self.cache.misses - misses}
 
     def settings(self) -> dict[str, object]:
         return {"model": self.config["model"], "dataset": self.config["dataset"], "encoder": self.encoder.name}
@@ -462,14 +500,17 @@ def run_fve(
     encoder: ImageEncoder | None = None,
     critic: Critic | None = None,
     output_dir: str | Path | None = None,
+    on_round: Callable[[FVERun, FVEState, np.ndarray], None] | None = None,
 ) -> dict:
     """Run (or resume) the FVE loop and report the kept model's test metrics once at the end.
 
     ``rounds`` defaults to ``fve_rounds``; ``encoder`` and ``critic`` default to the backends
     the config names (:func:`build_encoder`, :func:`build_critic`); ``output_dir`` defaults to
-    ``fve_output_dir``, else a new ``<checkpoint_dir>/fve-<dataset>-<time>/``. Returns the
-    round summaries, the kept round and validation score, the test result, and ``feature_dir``
-    (the folder to point a plain run's ``feature_dir`` at).
+    ``fve_output_dir``, else a new ``<checkpoint_dir>/fve-<dataset>-<time>/``. ``on_round(run,
+    state, kept_features)`` is called after each round this call runs (round 0 included), for
+    reporting only (a benchmark evaluates each round's kept model on the test split with it).
+    Returns the round summaries, the kept round and validation score, the test result, and
+    ``feature_dir`` (the folder to point a plain run's ``feature_dir`` at).
     """
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     init_logger(config)
@@ -492,6 +533,8 @@ def run_fve(
     state = FVEState.load(output)
     if state is None:
         state, kept_features = start(run)
+        if on_round is not None:
+            on_round(run, state, kept_features)
     else:
         check_resumable(state, run.settings(), output)
         log.info(f"FVE: resuming {output} after round {state.round} (kept round {state.kept_round})")
@@ -504,6 +547,8 @@ def run_fve(
         )
     for round_index in range(state.round + 1, rounds + 1):
         kept_features = feedback_round(run, state, round_index, kept_features)
+        if on_round is not None:
+            on_round(run, state, kept_features)
 
     model_file = output / state.kept_model_file
     kept_model = run.load_model(kept_features, model_file)
@@ -536,17 +581,21 @@ def start(run: FVERun) -> tuple[FVEState, np.ndarray]:
     """Round 0: initial prompts, their features, the first model."""
     begin = time.perf_counter()
     prompts = run.initial_prompts
-    features = run.extract(prompts)
+    features, cost = run.timed_extract(prompts)
     trained = run.train(0, features)
     run.save_features(features)
+    attention, _, mass = run.attention(prompts, prompts, [])
     summary = {
         "round": 0, "valid_score": trained.valid_score, "valid_result": trained.valid_result, "kept": True,
-        "trained": True, "hard_items": 0, "changed_prompts": len(prompts), "reason": "initial prompts",
+        "trained": True, "hard_items": 0, "changed_prompts": len(prompts), "reason": "initial prompts", **cost,
         "seconds": time.perf_counter() - begin,
     }
+    if attention is not None:
+        summary["attention"] = {**attention, "kept": attention["mean"]}
     rows = [
         {"round": 0, "item": t, "old_prompt": None, "new_prompt": prompts[t], "feedback_type": INITIAL,
-         "priority": None, "critic_accepted": None, "critic_reason": None, "changed": True, "kept": True}
+         "priority": None, "critic_accepted": None, "critic_reason": None, "changed": True, "kept": True,
+         **({"attention": mass[t]} if t in mass else {})}
         for t in run.tokens
     ]
     write_history(run.output, 0, rows)
@@ -574,10 +623,16 @@ def feedback_round(run: FVERun, state: FVEState, round_index: int, kept_features
         stats = run.valid_feedback(kept_model)
         prompts, rows = run.propose(stats, state.prompts, round_index)
         summary.update(hard_items=len(rows), changed_prompts=sum(row["changed"] for row in rows))
+        attention, old_mass, new_mass = run.attention(state.prompts, prompts, [r["item"] for r in rows if r["changed"]])
+        if attention is not None:
+            summary["attention"] = {**attention, "kept": float(np.mean(list(old_mass.values())))}
+            for row in rows:
+                row.update(attention_before=old_mass.get(row["item"]), attention=new_mass.get(row["item"]))
         if not summary["changed_prompts"]:
             summary["reason"] = "no prompt changed"
         else:
-            features = run.extract(prompts)
+            features, cost = run.timed_extract(prompts)
+            summary.update(cost)
             if np.array_equal(features, kept_features):
                 summary["reason"] = "image features unchanged (no changed item has an image)"
             else:
@@ -588,6 +643,8 @@ def feedback_round(run: FVERun, state: FVEState, round_index: int, kept_features
                 if decision.users:
                     summary["keep_test"] = decision.as_dict()
                 if decision.keep:
+                    if attention is not None:
+                        summary["attention"]["kept"] = attention["mean"]
                     run.save_features(features)
                     state.kept_round, state.best_valid_score = round_index, trained.valid_score
                     state.kept_model_file = str(trained.model_file.relative_to(run.output))
