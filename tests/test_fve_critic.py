@@ -19,17 +19,22 @@ from reveal_recbole.fve.critic import (
     REVIEWS_OPEN,
     ChatCritic,
     CriticBackendError,
+    CriticReply,
     HFChatCritic,
     HFVisionCritic,
     OfflineCritic,
     OpenAICompatibleCritic,
+    RandomReviewWordsCritic,
+    block_reviews,
     build_critic_request,
     critic_image,
     parse_critic_output,
     review_block,
+    review_vocabulary,
     sanitize_untrusted,
     vision_chat,
 )
+from reveal_recbole.fve.prompt import review_phrase, tokenize
 from reveal_recbole.fve.select import OVER_RANKED_NEGATIVE, UNDER_RANKED_POSITIVE
 
 from test_fve_extract import QwenLikeProcessor, tiny_qwen2_5_vl
@@ -441,3 +446,69 @@ def test_hf_vision_critic_sees_the_image(tiny_vlm, tmp_path, monkeypatch):
     monkeypatch.setattr(model, "generate", lambda **inputs: torch.cat([inputs["input_ids"], answer], dim=1))
     reply = critic.critique(with_image)
     assert reply.accepted and reply.prompt == "A red glue tube."
+
+
+# ---- review phrases and the random-words control (issue 12) ---------------------------------------
+
+CLUTTER_REVIEWS = [
+    "love the red star", "the red star looks great on my shelf", "the blue circle beside it is nice too",
+    "shipping took a week", "bought it for the red star",
+]
+
+
+def test_review_phrase_is_the_pair_most_reviews_name():
+    assert review_phrase(CLUTTER_REVIEWS) == "red star"
+    assert review_phrase(["the red star", "a blue circle"]) == ""  # no phrase in two reviews
+    assert review_phrase(["red star red star"]) == ""  # a review counts a phrase once
+    assert review_phrase(["blue circle", "red star", "red star", "blue circle"]) == "blue circle"  # tie: first
+
+
+def test_block_reviews_inverts_the_review_block():
+    assert block_reviews(review_block(CLUTTER_REVIEWS)) == CLUTTER_REVIEWS
+    assert block_reviews(review_block([])) == []
+    assert "NEW_PROMPT" not in " ".join(block_reviews(request().review_summary))  # the sanitised text
+
+
+def test_offline_critic_names_the_phrase_reviews_repeat():
+    critic = OfflineCritic()
+    reply = critic.critique(request(reviews=CLUTTER_REVIEWS))
+    assert reply.accepted and reply.prompt == "red star"
+    assert critic.critique(request(OVER_RANKED_NEGATIVE, reviews=CLUTTER_REVIEWS)).prompt == "red star"
+    assert "Show the visual cues" in critic.critique(request()).prompt  # no repeated phrase: the template
+    assert OfflineCritic(min_phrase_reviews=4).critique(request(reviews=CLUTTER_REVIEWS)).prompt != "red star"
+
+
+def test_random_review_words_control_rewrites_the_same_prompts_with_review_words_only():
+    base = OfflineCritic()
+    control = RandomReviewWordsCritic(base, seed=3)
+    reviews = {f"item{i}": CLUTTER_REVIEWS[i % 5:] + [f"unique{i} words{i} here"] for i in range(30)}
+    changed_base = changed_control = 0
+    for token, texts in reviews.items():
+        item_request = build_critic_request(token, OLD, texts, FEEDBACK, UNDER_RANKED_POSITIVE, keywords=["x"])
+        expected, reply = base.critique(item_request), control.critique(item_request)
+        changed_base += expected.prompt != OLD
+        changed_control += reply.prompt != OLD
+        vocabulary = {w for text in texts for w in tokenize(text)}
+        assert set(reply.prompt.split()) <= vocabulary  # only the item's own review words
+        assert len(reply.prompt.split()) == min(len(expected.prompt.split()), len(vocabulary))
+        assert reply == control.critique(item_request)  # seeded by the item: deterministic
+    assert changed_control == changed_base == len(reviews)
+    prompts = [control.critique(build_critic_request(t, OLD, r, FEEDBACK, UNDER_RANKED_POSITIVE)).prompt
+               for t, r in reviews.items()]
+    assert len(set(prompts)) > 10 and prompts.count("red star") < len(prompts) / 2  # random, not the critic's choice
+
+
+class KeepsPrompts(OfflineCritic):
+    def critique(self, request):
+        return CriticReply(prompt=request.old_prompt, accepted=False, reason="nothing to say")
+
+
+def test_random_control_keeps_what_its_critic_keeps():
+    item_request = request(reviews=CLUTTER_REVIEWS)
+    assert RandomReviewWordsCritic(KeepsPrompts()).critique(item_request).prompt == OLD
+    no_words = build_critic_request("i", OLD, ["a an the"], FEEDBACK, UNDER_RANKED_POSITIVE)
+    reply = RandomReviewWordsCritic(OfflineCritic()).critique(no_words)
+    assert reply.prompt == OLD and reply.reason == "no review words"
+    pool = review_vocabulary(CLUTTER_REVIEWS)
+    reply = RandomReviewWordsCritic(OfflineCritic(), fallback_words=pool).critique(no_words)
+    assert reply.prompt != OLD and set(reply.prompt.split()) <= set(pool)  # other items' review words

@@ -98,10 +98,29 @@ def build_prompt(item_meta: Mapping[str, object], template: str = DEFAULT_TEMPLA
     return template.format(**values)
 
 
+def is_content_word(word: str) -> bool:
+    """A lower-case word of at least three characters that is not a stop word."""
+    return len(word) >= MIN_KEYWORD_LENGTH and word not in STOP_WORDS
+
+
 def tokenize(text: str) -> list[str]:
     """Lower-case words of at least three characters, without stop words or pure numbers."""
-    words = _WORD.findall(text.lower())
-    return [w for w in words if len(w) >= MIN_KEYWORD_LENGTH and w not in STOP_WORDS]
+    return [w for w in _WORD.findall(text.lower()) if is_content_word(w)]
+
+
+def review_phrase(reviews: Sequence[str], min_reviews: int = 2) -> str:
+    """The two-word phrase (adjacent content words, e.g. "red star") that the most reviews mention,
+    or "" when none is in at least ``min_reviews`` of them; ties go to the alphabetically first.
+
+    What users keep naming is the cue a prompt should point the encoder at, and a short phrase is
+    the form caption-trained encoders (CLIP, the aligned head) read best. Each review counts a phrase once.
+    """
+    counts: Counter = Counter()
+    for review in reviews:
+        words = _WORD.findall(str(review).lower())
+        counts.update({f"{a} {b}" for a, b in zip(words, words[1:]) if is_content_word(a) and is_content_word(b)})
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return ranked[0][0] if ranked and ranked[0][1] >= min_reviews else ""
 
 
 def keyword_text(reviews: Sequence[str] | None, description: str = "") -> list[str]:
