@@ -316,6 +316,25 @@ def test_rounds_report_region_attention_extraction_cost_and_call_on_round(fve_co
     assert all(r["attention"] is None for r in changed if r["item"] in tokens[:NO_IMAGE])  # no image, no mass
 
 
+def test_a_discarded_proposal_is_not_retrained_when_proposed_again(fve_config, tmp_path, monkeypatch):
+    """The deterministic offline critic proposes the same prompts after a discard: skipped, not retrained."""
+    trained, train = [], FVERun.train
+
+    def record(self, round_index, features):
+        trained.append(round_index)
+        return train(self, round_index, features)
+
+    monkeypatch.setattr(FVERun, "train", record)
+    config = {**fve_config, "fve_keep_margin": 10.0}  # no gain is that large: every trained round is discarded
+    result = run_fve("SASRecREVEAL", DATASET, rounds=3, config_dict=config, encoder=StandInEncoder(),
+                     critic=OfflineCritic(), output_dir=tmp_path / "repeat")
+    assert trained == [0, 1] and result["kept_round"] == 0
+    first, *later = result["rounds"][1:]
+    assert first["trained"] and not first["kept"] and first["changed_prompts"] > 0
+    assert [(r["trained"], r["kept"], r["proposal"]) for r in later] == [(False, False, first["proposal"])] * 2
+    assert all(r["reason"] == "same prompts as round 1, discarded: not retrained" for r in later)
+
+
 def test_cli_dispatches_to_the_loop(fve_config, tmp_path, monkeypatch):
     cli = load_script("run_reveal")
     monkeypatch.setattr(loop, "build_encoder", lambda config: StandInEncoder())

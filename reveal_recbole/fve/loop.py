@@ -16,9 +16,11 @@ prompt-conditioned image features and trains the recommender. Each later round:
 
 The test split makes no decision: it is evaluated once, with the kept model, after the last
 round, and only reported. A round whose prompts or features did not change is not retrained
-(it could not change the model) and counts as discarded. With an encoder that ignores prompts
-(``conditions_on_prompt = False``) no round can change a feature: rounds after round 0 call no
-critic and train nothing, and are recorded as "encoder ignores prompts".
+(it could not change the model) and counts as discarded, as is one that proposes exactly the
+prompts of a round discarded since the last kept one (it would retrain into the same result).
+With an encoder that ignores prompts (``conditions_on_prompt = False``) no round can change a
+feature: rounds after round 0 call no critic and train nothing, and are recorded as "encoder
+ignores prompts".
 
 Everything a run produces lives in one output folder (``fve_output_dir``, default
 ``<checkpoint_dir>/fve-<dataset>-<time>/``):
@@ -42,6 +44,7 @@ prompt the round changed, before and after (per item in the history rows).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -628,8 +631,12 @@ def feedback_round(run: FVERun, state: FVEState, round_index: int, kept_features
             summary["attention"] = {**attention, "kept": float(np.mean(list(old_mass.values())))}
             for row in rows:
                 row.update(attention_before=old_mass.get(row["item"]), attention=new_mass.get(row["item"]))
+        summary["proposal"] = prompts_digest(prompts)
+        repeated = repeated_proposal(state, summary["proposal"])
         if not summary["changed_prompts"]:
             summary["reason"] = "no prompt changed"
+        elif repeated is not None:  # same kept model, seed and batch order: retraining would repeat that round
+            summary["reason"] = f"same prompts as round {repeated}, discarded: not retrained"
         else:
             features, cost = run.timed_extract(prompts)
             summary.update(cost)
@@ -663,6 +670,24 @@ def feedback_round(run: FVERun, state: FVEState, round_index: int, kept_features
         f"best {state.best_valid_score:.4f}"
     )
     return features if summary["kept"] else kept_features
+
+
+def prompts_digest(prompts: Mapping[str, str]) -> str:
+    """SHA-256 (16 hex digits) of a full set of prompts: what a round proposed, comparable across rounds."""
+    return hashlib.sha256(json.dumps(sorted(prompts.items()), ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
+def repeated_proposal(state: FVEState, digest: str) -> int | None:
+    """The first round after the kept one that proposed the prompts of ``digest``, or None.
+
+    Such a round was discarded, and a round proposing the same prompts from the same kept model
+    would retrain with the same seed and batch order into the same result: a deterministic critic
+    proposes it again whenever a round is discarded, so it is skipped instead of retrained.
+    """
+    for summary in state.rounds:
+        if summary["round"] > state.kept_round and summary.get("proposal") == digest:
+            return int(summary["round"])
+    return None
 
 
 def decide(run: FVERun, kept_scores: np.ndarray, trained: RoundResult, features: np.ndarray) -> KeepDecision:
