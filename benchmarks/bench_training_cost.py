@@ -32,6 +32,7 @@ SUITES = {
     "avl": [
         ("SASRecREVEAL AVL off", "SASRecREVEAL", {"avl": False}),
         ("AVL on, exact (every step)", "SASRecREVEAL", {"avl": True, "avl_interval": 1}),
+        ("AVL agm, exact (every step)", "SASRecREVEAL", {"avl": True, "avl_variant": "agm", "avl_interval": 1}),
         ("AVL naive 3-pass (train-mode passes)", "SASRecREVEAL", {"avl": True, "avl_interval": 1, "_naive": True}),
         ("AVL on, avl_interval=2", "SASRecREVEAL", {"avl": True, "avl_interval": 2}),
         ("AVL on, avl_interval=4", "SASRecREVEAL", {"avl": True, "avl_interval": 4}),
