@@ -5,11 +5,13 @@ their composition: ``prompt`` (initial prompts), ``extract`` (prompt-conditioned
 image features; ``reveal_recbole.data.feature_cache`` recomputes only changed prompts), ``feedback``
 (per-item ranking statistics on the validation split), ``select`` (priority and the hard items), ``critic`` (rewritten
 prompts for the hard items), ``keep`` (whether a round's validation gain is real: a paired test
-over the validation users), ``sources`` (item images, metadata and reviews on disk) and
+over the validation users), ``sources`` (item images, metadata and reviews on disk),
+``attention`` (the share of patch weight on an item's own region, where a dataset records it) and
 ``loop`` (:func:`run_fve`, the rounds, resumable). ``efficientnet`` is an offline image encoder
 with real weights that does not condition on the prompt. Model libraries (transformers,
 efficientnet) load only when a backend is built.
 """
+from reveal_recbole.fve.attention import read_item_regions, region_attention_mass
 from reveal_recbole.fve.critic import (
     Critic,
     CriticReply,
@@ -18,6 +20,7 @@ from reveal_recbole.fve.critic import (
     HFVisionCritic,
     OfflineCritic,
     OpenAICompatibleCritic,
+    RandomReviewWordsCritic,
     build_critic_request,
     critic_image,
     parse_critic_output,
@@ -35,7 +38,14 @@ from reveal_recbole.fve.extract import (
 from reveal_recbole.fve.feedback import RankFeedback, TargetRanks, collect_valid_feedback, rank_feedback
 from reveal_recbole.fve.keep import KeepDecision, keep_round, paired_p_value, user_metric
 from reveal_recbole.fve.loop import FVEError, FVEState, build_critic, build_encoder, initial_prompts, run_fve
-from reveal_recbole.fve.prompt import DEFAULT_TEMPLATE, build_prompt, item_category, keyword_text, review_keywords
+from reveal_recbole.fve.prompt import (
+    DEFAULT_TEMPLATE,
+    build_prompt,
+    item_category,
+    keyword_text,
+    review_keywords,
+    review_phrase,
+)
 from reveal_recbole.fve.select import (
     OVER_RANKED_NEGATIVE,
     UNDER_RANKED_POSITIVE,
@@ -65,6 +75,7 @@ __all__ = [
     "OVER_RANKED_NEGATIVE",
     "OfflineCritic",
     "OpenAICompatibleCritic",
+    "RandomReviewWordsCritic",
     "RankFeedback",
     "TargetRanks",
     "UNDER_RANKED_POSITIVE",
@@ -87,8 +98,11 @@ __all__ = [
     "parse_critic_output",
     "priority",
     "rank_feedback",
+    "read_item_regions",
     "read_item_texts",
+    "region_attention_mass",
     "review_keywords",
+    "review_phrase",
     "run_fve",
     "sanitize_untrusted",
     "select_hard_items",

@@ -18,6 +18,8 @@ regions of the image the feature describes (``conditions_on_prompt = True``), an
 
 The encoder's ``name`` (the encoder id of FVE's cache keys) names the pooling, both frozen
 networks and a digest of the head's weights: a retrained head never reads stale features.
+:class:`UniformPoolingEncoder` is the same encoder with equal patch weights: the "no prompt"
+control of ``benchmarks/bench_fve_world.py``.
 """
 from __future__ import annotations
 
