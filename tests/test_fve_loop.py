@@ -315,6 +315,12 @@ def test_rounds_report_region_attention_extraction_cost_and_call_on_round(fve_co
     assert attention["kept"] == pytest.approx(attention["mean"] if second["kept"] else first["attention"]["mean"])
     assert all(r["attention"] is None for r in changed if r["item"] in tokens[:NO_IMAGE])  # no image, no mass
 
+    bad = regions[0] + "\nx\t0\t0\t9\t4\t8\t8\n"  # a box wider than its 8 px image
+    (Path(fve_config["data_path"]) / DATASET / f"{DATASET}.regions.tsv").write_text(bad)
+    with pytest.raises(FVEError, match=r"regions.tsv, line 2: the box"):  # before any training
+        run_fve("SASRecREVEAL", DATASET, rounds=0, config_dict=config, encoder=tiny_encoder(),
+                output_dir=tmp_path / "bad regions")
+
 
 def test_a_discarded_proposal_is_not_retrained_when_proposed_again(fve_config, tmp_path, monkeypatch):
     """The deterministic offline critic proposes the same prompts after a discard: skipped, not retrained."""

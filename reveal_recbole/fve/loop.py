@@ -353,7 +353,10 @@ class FVERun:
         encoder has patch weights (None otherwise); its images are read on first use."""
         if self._region_attention is None and RegionAttention.supports(self.encoder):
             path = Path(self.config["data_path"]) / f"{self.config['dataset']}.{REGIONS_SUFFIX}"
-            regions = read_item_regions(path)
+            try:
+                regions = read_item_regions(path)
+            except ValueError as error:  # a malformed truth file: one clear error, before any training
+                raise FVEError(str(error)) from None
             if regions:
                 paths = {token: self.images.path(token) for token in self.tokens}
                 self._region_attention = RegionAttention(self.encoder, regions, paths)
@@ -585,9 +588,9 @@ def start(run: FVERun) -> tuple[FVEState, np.ndarray]:
     begin = time.perf_counter()
     prompts = run.initial_prompts
     features, cost = run.timed_extract(prompts)
+    attention, _, mass = run.attention(prompts, prompts, [])
     trained = run.train(0, features)
     run.save_features(features)
-    attention, _, mass = run.attention(prompts, prompts, [])
     summary = {
         "round": 0, "valid_score": trained.valid_score, "valid_result": trained.valid_result, "kept": True,
         "trained": True, "hard_items": 0, "changed_prompts": len(prompts), "reason": "initial prompts", **cost,
