@@ -17,7 +17,9 @@ which relies on the model behaving:
 
 Backends: :class:`OfflineCritic` (deterministic, no model), :class:`HFChatCritic` (a local
 Hugging Face causal LM), :class:`HFVisionCritic` (a local vision-language model, e.g. Qwen2.5-VL)
-and :class:`OpenAICompatibleCritic` (any ``/chat/completions`` endpoint).
+and :class:`OpenAICompatibleCritic` (any ``/chat/completions`` endpoint);
+:class:`RandomReviewWordsCritic` is a control that rewrites the same prompts as another critic
+with random review words (``benchmarks/bench_fve_world.py``).
 
 A critic that sees images (``sees_images``) gets the item image with the request, as the
 authors' VLM critic does: :func:`critic_image` decodes it with the one image decoder
