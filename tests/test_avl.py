@@ -177,7 +177,8 @@ def gradients(model, interaction) -> dict[str, torch.Tensor]:
 
 
 def test_gradient_scaling_is_exact(tiny_config):
-    _, model, trainer, train_data, *_ = build(tiny_config | NO_DROPOUT | {"avl": False})
+    # fine-tuned feature tables, so the image table is among the scaled parameters too
+    _, model, trainer, train_data, *_ = build(tiny_config | NO_DROPOUT | {"avl": False, "feature_trainable": True})
     interaction = first_batch(train_data)
     plain = gradients(model, interaction)
 

@@ -25,8 +25,8 @@ def run_cli(monkeypatch, tiny_config, *args: str) -> str:
     [
         (["--model=SASRecREVEAL", "--fusion=average"], "fusion must be one of"),
         (["--model=SASRecREVEAL", "--missing_feature=mean"], "missing_feature must be one of"),
-        (["--model=SASRecREVEAL", "--avl_alpha='strong'"], "avl_alpha must be a number, got 'strong'"),
-        (["--model=SASRecREVEAL", "--avl_interval=1.5"], "avl_interval must be an integer"),
+        (["--model=SASRecREVEAL", "--avl=True", "--avl_alpha='strong'"], "avl_alpha must be a number, got 'strong'"),
+        (["--model=SASRecREVEAL", "--avl=True", "--avl_interval=1.5"], "avl_interval must be an integer"),
         (["--model=SASRecREVEAL", "--modalities=[3]"], "modalities must be a list of names"),
         (["--model=SASRecREVEAL", "--modalities=[image,audio]"], "scientific.audio.npy"),
         (["--model=NoSuchModel"], "unknown model 'NoSuchModel'"),

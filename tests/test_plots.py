@@ -20,7 +20,7 @@ from conftest import make_tiny_config
 def runs_dir(tiny_source, tmp_path_factory) -> Path:
     """A working folder with log_tensorboard/ and saved/ from SASRec then SASRecREVEAL."""
     root = tmp_path_factory.mktemp("plots")
-    config = make_tiny_config(tiny_source, root / "saved") | {"epochs": 2}
+    config = make_tiny_config(tiny_source, root / "saved") | {"epochs": 2, "avl": True}
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         patch.setattr(sys, "argv", sys.argv[:1])
