@@ -5,7 +5,7 @@ missing): users like a hue and a shape, and every item image also holds two dist
 so what an image feature describes depends on where the encoder looks. The encoder is the
 offline prompt-conditioned ``aligned`` one, its head trained by ``dataset_prep/train_aligner.py``
 on its own drawn scenes (seed 9173, never these items; cached under ``--aligner``). For each seed,
-SASRecREVEAL (quick budget, :data:`QUICK`) is trained in three arms:
+SASRecREVEAL (quick budget, :data:`QUICK`) is trained in four arms:
 
 * **FVE**: round 0 (prompts from the metadata template), then ``--rounds`` feedback rounds with
   the offline critic (the phrase the item's reviews name most, e.g. "red star"), each kept only
@@ -29,7 +29,7 @@ Writes ``<--results>/fve-world-<time>.json`` and ``.md``.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_fve_world.py                 # 3 seeds x 3 rounds
     OMP_NUM_THREADS=1 python benchmarks/bench_fve_world.py --seeds 2020 --rounds 1   # quicker
-    OMP_NUM_THREADS=1 python benchmarks/bench_fve_world.py --config feature_trainable=False   # frozen feature tables
+    OMP_NUM_THREADS=1 python benchmarks/bench_fve_world.py --config feature_trainable=False avl=False  # the defaults
     OMP_NUM_THREADS=1 python benchmarks/bench_fve_world.py --probe   # what the features carry per prompt, no training
     OMP_NUM_THREADS=1 python benchmarks/bench_fve_world.py --prompt-template "An item image of a {category}. \
         Item name: {title}. Focus on the overall appearance of the item."   # round 0 without review keywords
@@ -61,10 +61,12 @@ from reveal_recbole.resources import properties_dir
 WORLD = "synthetic_clutter"
 ALIGNER_FLAGS = ["--generate", "1500", "--scenes", "0.8"]  # 80 % cluttered scenes, like the world's images
 MODEL = "SASRecREVEAL"
-# Quick budget: 10 epochs (the dataset yaml's), no per-epoch masked evaluations, nothing but the model saved.
+# Quick budget: 10 epochs (the dataset yaml's), no per-epoch masked evaluations, nothing but the model saved;
+# fine-tuned feature tables and AVL on, as measured in BENCHMARKS.md (the package defaults until 97637ca).
 QUICK = {
     "epochs": 10, "stopping_step": 5, "show_progress": False, "state": "WARNING", "utilisation_per_epoch": False,
     "visual_utilisation": False, "diagnostics_figure": False, "save_resume_points": False, "fve_encoder": "aligned",
+    "feature_trainable": True, "avl": True,
 }
 METADATA_ONLY = "An item image of a {category}. Item name: {title}. Focus on the overall appearance of the item."
 ARMS = ("no prompt", "FVE", "control", "every item")
