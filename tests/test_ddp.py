@@ -59,7 +59,7 @@ def test_two_processes_match_one_and_share_avl_state(tiny_config, tmp_path, monk
     # gpu_id '' keeps both runs on CPU (gloo) on GPU machines too; RecBole then sets
     # CUDA_VISIBLE_DEVICES='', which monkeypatch restores for later tests.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
-    config = tiny_config | NO_DROPOUT | {"visual_utilisation": False, "gpu_id": ""}
+    config = tiny_config | NO_DROPOUT | {"visual_utilisation": False, "gpu_id": "", "avl": True}
     single = quick_start.run("SASRecREVEAL", "scientific", config_dict=dict(config), nproc=1)
 
     monkeypatch.setattr(quick_start, "run_reveals", _rank_worker)
