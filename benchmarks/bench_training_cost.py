@@ -6,6 +6,7 @@ each variant's min/median to the baseline's.
 
     python benchmarks/bench_training_cost.py --suite encoder   # SASRecREVEAL (AVL off) vs SASRec
     python benchmarks/bench_training_cost.py --suite avl       # AVL on / off / naive / interval
+    python benchmarks/bench_training_cost.py --suite avl-exact # exact AVL (reveal, agm) vs off only
 """
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ SUITES = {
         ("AVL naive 3-pass (train-mode passes)", "SASRecREVEAL", {"avl": True, "avl_interval": 1, "_naive": True}),
         ("AVL on, avl_interval=2", "SASRecREVEAL", {"avl": True, "avl_interval": 2}),
         ("AVL on, avl_interval=4", "SASRecREVEAL", {"avl": True, "avl_interval": 4}),
+    ],
+    "avl-exact": [  # the cost target alone: exact AVL (both variants) against AVL off
+        ("SASRecREVEAL AVL off", "SASRecREVEAL", {"avl": False}),
+        ("AVL on, exact (every step)", "SASRecREVEAL", {"avl": True, "avl_interval": 1}),
+        ("AVL agm, exact (every step)", "SASRecREVEAL", {"avl": True, "avl_variant": "agm", "avl_interval": 1}),
     ],
 }
 
