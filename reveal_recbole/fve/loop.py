@@ -370,7 +370,8 @@ class FVERun:
         regions = self.region_attention
         if regions is None:
             return None, {}, {}
-        old, new = regions.mass(before), regions.mass(after)
+        old = regions.mass(before)
+        new = old if after == before else regions.mass(after)  # round 0 measures one set of prompts
         return attention_summary(old, new, changed, regions.uniform()), old, new
 
     def timed_extract(self, prompts: Mapping[str, str]) -> tuple[np.ndarray, dict[str, float]]:
