@@ -25,24 +25,24 @@ from reveal_recbole.pipeline import prepare_run
 COMMON = {"state": "ERROR", "show_progress": False, "checkpoint_dir": "saved/bench", "diagnostics_figure": False,
           "utilisation_per_epoch": False}
 
+AVL_OFF = ("SASRecREVEAL AVL off", "SASRecREVEAL", {"avl": False})
+AVL_EXACT = ("AVL on, exact (every step)", "SASRecREVEAL", {"avl": True, "avl_interval": 1})
+AGM_EXACT = ("AVL agm, exact (every step)", "SASRecREVEAL", {"avl": True, "avl_variant": "agm", "avl_interval": 1})
+
 SUITES = {
     "encoder": [
         ("SASRec", "SASRec", {}),
         ("SASRecREVEAL (AVL off)", "SASRecREVEAL", {"avl": False}),
     ],
     "avl": [
-        ("SASRecREVEAL AVL off", "SASRecREVEAL", {"avl": False}),
-        ("AVL on, exact (every step)", "SASRecREVEAL", {"avl": True, "avl_interval": 1}),
-        ("AVL agm, exact (every step)", "SASRecREVEAL", {"avl": True, "avl_variant": "agm", "avl_interval": 1}),
+        AVL_OFF,
+        AVL_EXACT,
+        AGM_EXACT,
         ("AVL naive 3-pass (train-mode passes)", "SASRecREVEAL", {"avl": True, "avl_interval": 1, "_naive": True}),
         ("AVL on, avl_interval=2", "SASRecREVEAL", {"avl": True, "avl_interval": 2}),
         ("AVL on, avl_interval=4", "SASRecREVEAL", {"avl": True, "avl_interval": 4}),
     ],
-    "avl-exact": [  # the cost target alone: exact AVL (both variants) against AVL off
-        ("SASRecREVEAL AVL off", "SASRecREVEAL", {"avl": False}),
-        ("AVL on, exact (every step)", "SASRecREVEAL", {"avl": True, "avl_interval": 1}),
-        ("AVL agm, exact (every step)", "SASRecREVEAL", {"avl": True, "avl_variant": "agm", "avl_interval": 1}),
-    ],
+    "avl-exact": [AVL_OFF, AVL_EXACT, AGM_EXACT],  # the cost target alone: exact AVL (both variants) against off
 }
 
 
