@@ -7,7 +7,8 @@ items' training counts (tail: count <= the 1/3 quantile; head: count > the 2/3 q
 keep an item in one bucket, so the three are near, not exactly, thirds: their counts are
 reported). ``warm`` is head + torso + tail, ``all`` every target.
 
-Ranks come from FVE's ranking code (``fve.feedback``: RecBole's masking, ties to the lower id),
+Ranks come from :func:`reveal_recbole.ranking.target_ranks` on the model's device after RecBole's
+masking (``fve.feedback.mask_history``; ties to the lower id), one rank per target to the host,
 so the ``all`` bucket reproduces RecBole's test Recall@K and NDCG@K (one target per user).
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 
 from reveal_recbole.data.cold_start import training_item_counts
-from reveal_recbole.fve.feedback import mask_history, target_ranks
+from reveal_recbole.fve.feedback import mask_history
+from reveal_recbole.ranking import target_ranks
 
 BUCKETS = ("all", "warm", "cold", "head", "torso", "tail")
 

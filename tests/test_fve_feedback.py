@@ -11,10 +11,8 @@ from reveal_recbole.fve.feedback import (
     collect_valid_feedback,
     mask_history,
     rank_feedback,
-    ranking_keys,
-    target_ranks,
-    top_ranked,
 )
+from reveal_recbole.ranking import target_ranks, top_k_items
 
 
 def reference_feedback(scores, positives, k, exposure_k):
@@ -93,38 +91,41 @@ def test_several_positives_per_row_as_recbole_pairs():
         assert feedback.item(item) == pytest.approx(expected[item]), item
 
 
-def test_top_ranked_breaks_ties_by_item_id():
+def test_top_k_items_break_ties_by_item_id():
     scores = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, -math.inf]])
-    items, values = top_ranked(scores, 4)
+    items = top_k_items(scores, 4)
     assert items.tolist() == [[1, 2, 4, 3]]
-    assert values.tolist() == [[3.0, 3.0, 3.0, 2.0]]
+    assert scores.gather(1, items).tolist() == [[3.0, 3.0, 3.0, 2.0]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
-def test_ranking_keys_order_rows_like_a_sort_by_score_then_id(dtype):
+def test_ranking_orders_rows_like_a_sort_by_score_then_id(dtype):
     special = [0.0, -0.0, math.inf, -math.inf, -1e-30, 1e-30, -3.5, 3.5, 2.0 ** 100, -(2.0 ** 100)]
     generator = torch.Generator().manual_seed(2)
     scores = torch.tensor(special * 3)[torch.randperm(30, generator=generator)].repeat(4, 1)
     scores[1:] = torch.randn(3, 30, generator=generator).round(decimals=1)
     scores = scores.to(dtype)
-    keys = ranking_keys(scores)
-    for row, row_keys in zip(scores.tolist(), keys):
+    before = scores.clone()
+    rows, items = torch.arange(4).repeat_interleave(30), torch.arange(30).repeat(4)
+    ranks = target_ranks(scores, rows, items).view(4, 30)
+    for row, row_items, row_ranks in zip(scores.tolist(), top_k_items(scores, 30), ranks):
         expected = sorted(range(30), key=lambda j: (-row[j], j))
-        assert np.argsort(-row_keys).tolist() == expected
-    assert ranking_keys(scores).tolist() == keys.tolist()  # the scores were not changed in place
+        assert row_items.tolist() == expected
+        assert row_ranks[expected].tolist() == list(range(1, 31))
+    assert torch.equal(scores, before)  # the scores were not changed in place
 
 
 def test_float64_scores_closer_than_float32_are_not_ties():
     scores = torch.tensor([[1.0, 1.0 + 1e-12, 1.0 - 1e-12, 1.0]], dtype=torch.float64)
-    assert top_ranked(scores, 4)[0].tolist() == [[1, 0, 3, 2]]
+    assert top_k_items(scores, 4).tolist() == [[1, 0, 3, 2]]
     assert target_ranks(scores, torch.tensor([0, 0]), torch.tensor([3, 2])).tolist() == [3, 4]
 
 
 def test_masked_target_ranks_among_the_masked_by_id_and_full_depth():
     scores = torch.tensor([[-math.inf, 2.0, -math.inf, 1.0, -math.inf]])
     assert target_ranks(scores, torch.tensor([0, 0]), torch.tensor([2, 4])).tolist() == [4, 5]
-    items, values = top_ranked(scores, 5)
-    assert items.tolist() == [[1, 3, 0, 2, 4]] and values[0, :2].tolist() == [2.0, 1.0]
+    items = top_k_items(scores, 5)
+    assert items.tolist() == [[1, 3, 0, 2, 4]] and scores[0, items[0, :2]].tolist() == [2.0, 1.0]
     feedback = rank_feedback([scores], [torch.tensor([4])], k=3, exposure_k=5)
     assert feedback.avg_pos_rank[4] == 5 and feedback.exposure_count_topK.tolist() == [0, 1, 0, 1, 0]
     assert feedback.wrong_hit_topK.tolist() == [0, 1, 0, 1, 0]

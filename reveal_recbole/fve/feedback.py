@@ -3,13 +3,11 @@
 REVEAL rewrites the prompts of the items the recommender handles worst, and "worst" is read
 from full-ranking results: how an item ranks when it is a user's target, how often it sits
 in a user's top K when it is not, and how often it is shown at all. This module computes
-those statistics from full-ranking score matrices, batch by batch, with whole-batch numpy
-operations on unique per-row ranking keys (:func:`ranking_keys`).
-
-Ranking convention (also for ties): items are ordered by score, highest first, ties broken
-by the lower item id first; ranks are 1-based. Items scored ``-inf`` (RecBole's padding
-column and masked history items) are not ranked: they never count as shown or as wrong
-answers, even when fewer than K items are left.
+those statistics from full-ranking score matrices, batch by batch: targets' ranks and the top
+lists come from :mod:`reveal_recbole.ranking` on the scores' device (its convention: by score,
+ties to the lower item id, 1-based), and only those ``(rows,)`` and ``(rows, K)`` results reach
+numpy. Items scored ``-inf`` (RecBole's padding column and masked history items) are not
+ranked: they never count as shown or as wrong answers, even when fewer than K items are left.
 
 The statistics must come from the **validation** split (:func:`collect_valid_feedback`): the
 authors' code ranks the test split, which lets the test targets steer which prompts change.
@@ -24,6 +22,8 @@ from typing import Iterable, Tuple, Union
 
 import numpy as np
 import torch
+
+from reveal_recbole.ranking import target_ranks, top_k_items
 
 # Target ranks are also summarised at these cut-offs (pos_top10_rate, pos_top20_rate), and
 # wrong answers at the first one (wrong_top10_rate), whatever K is, as in the paper.
@@ -89,69 +89,12 @@ def _as_pairs(targets: Targets, n_rows: int, device: torch.device) -> tuple[torc
     return rows.to(device=device, dtype=torch.long), items.to(device=device, dtype=torch.long)
 
 
-def ranking_keys(scores: torch.Tensor) -> np.ndarray:
-    """``(rows, n_items)`` int64 keys that order each row as it is ranked: the larger key first.
-
-    Keys are unique within a row, so ranking with ties becomes plain sorting and counting. For
-    float32 scores (and narrower floats, widened exactly) the high 32 bits are the score's bits
-    mapped so that integer order is float order (``-0.0`` is first made ``+0.0``, equal to it),
-    and the low 32 bits hold ``n_items - 1 - id``: equal scores rank the lower id first. Wider
-    scores (float64, integers) do not fit 32 bits: their high bits are instead their place in
-    one stable sort per row (slower, exact). The work runs in numpy on the CPU: one core
-    per operation, where torch's thread hand-offs cost milliseconds per operation on busy
-    shared CPUs (the scores of a GPU model are copied over, one batch at a time).
-    """
-    values = scores.detach().cpu()
-    narrow = values.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    values = values.float().numpy() if narrow else values.double().numpy()
-    if values.size and np.isnan(values.max()):  # max propagates NaN: one cheap pass
-        raise ValueError("scores contain NaN; rank feedback needs comparable scores")
-    reversed_ids = np.arange(values.shape[1] - 1, -1, -1, dtype=np.int64)
-    if narrow:
-        bits = (values + np.float32(0)).view(np.int32)  # a copy, where -0.0 became +0.0
-        sign = bits >> 31
-        sign &= np.int32(0x7FFFFFFF)
-        bits ^= sign  # negative floats: a larger magnitude gives a smaller integer
-        keys = bits.astype(np.int64)
-    else:  # each score's place in a stable sort (lower id first among equals) stands in for its bits
-        order = np.argsort(-values, axis=1, kind="stable")
-        keys = np.empty(order.shape, dtype=np.int64)
-        np.put_along_axis(keys, order, np.broadcast_to(reversed_ids, order.shape), axis=1)
-    keys <<= 32
-    keys |= reversed_ids
-    return keys
-
-
-def _top_items(keys: np.ndarray, n: int) -> np.ndarray:
-    """Ids of each row's first ``n`` items in rank order; sorts ``keys`` in place (no copy of the batch)."""
-    keys.sort(axis=1)
-    return keys.shape[1] - 1 - (keys[:, : -n - 1 : -1] & 0xFFFFFFFF)
-
-
-def _ranks(keys: np.ndarray, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """1-based rank of ``items[j]`` in row ``rows[j]``: one plus the row's keys above its key."""
-    row_keys = keys if np.array_equal(rows, np.arange(len(keys))) else keys[rows]
-    return 1 + np.count_nonzero(row_keys > keys[rows, items][:, None], axis=1)
-
-
-def top_ranked(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` items of each row and their scores, ties broken by the lower item id."""
-    items = torch.from_numpy(_top_items(ranking_keys(scores), n)).to(scores.device)
-    return items, scores.gather(1, items)
-
-
-def target_ranks(scores: torch.Tensor, rows: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    """1-based rank of ``items[j]`` in row ``rows[j]``: items scoring higher, plus equal ones of lower id, plus 1."""
-    ranks = _ranks(ranking_keys(scores), rows.cpu().numpy(), items.cpu().numpy())
-    return torch.from_numpy(ranks).to(scores.device)
-
-
 class RankFeedbackAccumulator:
     """Accumulates :class:`RankFeedback` over batches of full-ranking scores.
 
-    Counts and rank sums are float64 numpy arrays (exact for any realistic count), so memory is
-    O(n_items) plus two integers per target (its row and rank, for per-user metrics); a batch
-    needs a few temporaries of its size.
+    Counts and rank sums are float64 numpy arrays (exact for any realistic count), so host memory
+    is O(n_items) plus two integers per target (its row and rank, for per-user metrics); a batch
+    needs a few boolean temporaries of its size on its device.
     """
 
     NAMES = (
@@ -179,12 +122,11 @@ class RankFeedbackAccumulator:
         if scores.dim() != 2 or scores.shape[1] != self.n_items:
             raise ValueError(f"scores must have shape (rows, {self.n_items}), got {tuple(scores.shape)}")
         n_rows = scores.shape[0]
-        rows, items = (pair.cpu().numpy() for pair in _as_pairs(targets, n_rows, torch.device("cpu")))
-        keys = ranking_keys(scores)
-
-        row_ranks = _ranks(keys, rows, items)  # before _top_items sorts the keys
-        self._target_rows.append(rows.astype(np.int64) + self.n_rows)
-        self._target_ranks.append(row_ranks.astype(np.int64))
+        rows, items = _as_pairs(targets, n_rows, scores.device)
+        row_ranks = target_ranks(scores, rows, items).cpu().numpy()
+        rows, items = rows.cpu().numpy(), items.cpu().numpy()
+        self._target_rows.append(rows + self.n_rows)
+        self._target_ranks.append(row_ranks)
         if users is not None:
             self._users.append(users.detach().cpu().numpy().astype(np.int64).reshape(n_rows))
         ranks = row_ranks.astype(np.float64)
@@ -194,10 +136,9 @@ class RankFeedbackAccumulator:
         self._add("pos_top20", items, ranks <= TOP20)
 
         # Items of the top lists count with weight 0 where they are not ranked (-inf).
-        depth = min(max(self.k, self.exposure_k), self.n_items)
-        top_items = _top_items(keys, depth)
-        values = scores.detach().cpu().gather(1, torch.from_numpy(top_items)).numpy()
-        ranked = (values > float("-inf")).astype(np.float64)
+        top = top_k_items(scores, max(self.k, self.exposure_k))
+        ranked = (scores.gather(1, top) > float("-inf")).cpu().numpy().astype(np.float64)
+        top_items, depth = top.cpu().numpy(), top.shape[1]
         positions = np.arange(1, depth + 1, dtype=np.float64)
 
         shown_items, shown = top_items[:, : self.exposure_k], ranked[:, : self.exposure_k]
