@@ -12,6 +12,7 @@ from recbole.data import data_preparation
 from recbole.utils import init_seed
 
 from reveal_recbole.data import create_dataset
+from reveal_recbole.ranking import size_eval_batch
 from reveal_recbole.recbole_seam import load_checkpoint
 from reveal_recbole.registry import get_model, get_trainer
 
@@ -33,6 +34,7 @@ def prepare_data(config, dataset=None) -> tuple[Any, Any, Any, Any]:
     """Seed, then the dataset (``create_dataset`` unless one is given) and RecBole's split."""
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config) if dataset is None else dataset
+    size_eval_batch(config, dataset.item_num)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     return dataset, train_data, valid_data, test_data
 

@@ -111,3 +111,21 @@ def test_gpu_requested_on_a_cpu_only_machine_warns_and_runs_on_cpu(recwarn):
     with pytest.warns(RuntimeWarning, match="no CUDA device .*running on CPU"):
         config = Config(model="SASRec", dataset="scientific", config_dict={"use_gpu": True, "gpu_id": "0"})
     assert config.final_config_dict["device"].type == "cpu"
+
+
+def test_eval_batch_size_is_sized_to_the_catalogue_unless_given(tiny_config, caplog):
+    import logging
+
+    from reveal_recbole.pipeline import prepare_data
+
+    keys = {key: value for key, value in tiny_config.items() if key != "eval_batch_size"}
+    keys["eval_score_budget_mb"] = 0.05  # 52,428 bytes: a few users of this catalogue
+    config = Config(model="SASRec", dataset="scientific", config_dict=keys)
+    with caplog.at_level(logging.INFO):
+        dataset, _, valid_data, test_data = prepare_data(config)
+    expected = int(0.05 * 2**20) // (4 * dataset.item_num)
+    assert 1 < expected < 4096 and config["eval_batch_size"] == valid_data.step == test_data.step == expected
+    assert f"eval_batch_size {expected} (sized to the catalogue: 4096 users x {dataset.item_num:,} items" in caplog.text
+
+    given = Config(model="SASRec", dataset="scientific", config_dict=keys | {"eval_batch_size": 300})
+    assert prepare_data(given)[2].step == given["eval_batch_size"] == 300
