@@ -22,7 +22,7 @@ from typing import Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from reveal_recbole.atomic import atomic_write_text
+from reveal_recbole.atomic import atomic_target
 
 INTER_HEADER = ("user_id:token", "item_id:token", "timestamp:float")
 ITEM_COLUMNS = ("title", "categories", "brand", "description")
@@ -47,34 +47,32 @@ def format_timestamp(value: float) -> str:
     return str(int(value)) if value.is_integer() else repr(value)
 
 
-def inter_text(sequences: Iterable[tuple[str, Sequence[tuple[str, float]]]]) -> tuple[str, int]:
-    """The ``.inter`` text for ``(user, [(item, timestamp), ...])`` pairs, and its row count."""
-    lines = ["\t".join(INTER_HEADER)]
-    for user, events in sequences:
-        for item, timestamp in events:
-            lines.append(f"{user}\t{item}\t{format_timestamp(timestamp)}")
-    return "\n".join(lines) + "\n", len(lines) - 1
-
-
 def write_inter(path: str | Path, sequences: Iterable[tuple[str, Sequence[tuple[str, float]]]]) -> int:
-    """Write ``<name>.inter`` atomically; returns the number of interactions."""
-    text, rows = inter_text(sequences)
-    atomic_write_text(path, text)
+    """Write ``<name>.inter`` atomically, row by row (no copy of the whole text in memory); returns the row count."""
+    rows = 0
+    with atomic_target(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+        handle.write("\t".join(INTER_HEADER) + "\n")
+        for user, events in sequences:
+            for item, timestamp in events:
+                handle.write(f"{user}\t{item}\t{format_timestamp(timestamp)}\n")
+                rows += 1
     return rows
 
 
 def write_item_table(
     path: str | Path, rows: Iterable[Sequence], extra_header: Sequence[str] = ()
 ) -> int:
-    """Write ``<name>.item`` atomically: ``(item, title, categories, brand, description, *extra)`` rows."""
+    """Write ``<name>.item`` atomically, row by row: ``(item, title, categories, brand, description, *extra)`` rows."""
     header = list(ITEM_HEADER) + list(extra_header)
-    lines = ["\t".join(header)]
-    for row in rows:
-        if len(row) != len(header):
-            raise ValueError(f"item row {row[:1]} has {len(row)} fields, header has {len(header)}")
-        lines.append("\t".join(clean_field(value) for value in row))
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return len(lines) - 1
+    count = 0
+    with atomic_target(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+        handle.write("\t".join(header) + "\n")
+        for row in rows:
+            if len(row) != len(header):
+                raise ValueError(f"item row {row[:1]} has {len(row)} fields, header has {len(header)}")
+            handle.write("\t".join(clean_field(value) for value in row) + "\n")
+            count += 1
+    return count
 
 
 def read_inter(path: str | Path) -> dict[str, list[tuple[str, float]]]:

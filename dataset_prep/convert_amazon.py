@@ -7,7 +7,8 @@ Input:
   ``unixReviewTime`` (and ``reviewText``/``summary``, used for keywords). Plain or gzip.
 * ``--meta`` (optional): ``meta_<Category>.json.gz``. 2014 lines are Python literals
   (``{'asin': ..., 'imUrl': ...}``) and are parsed with ``ast.literal_eval`` (never ``eval``);
-  2018 lines are JSON. Lines that neither parser accepts are skipped and counted.
+  2018 lines are JSON. Lines that neither parser accepts are skipped and counted (those of the
+  kept items; of every reviewed item under ``--require-meta``/``--require-image``).
 
 Processing:
 
@@ -61,6 +62,15 @@ TF-IDF with sublinear tf and smoothed idf,
 N the number of items and df(w) the number of items whose reviews contain w; the top words
 by score (ties: alphabetical) are kept.
 
+Memory stays bounded on the full 2018/2023 category files (tens of millions of reviews,
+millions of metadata records): the reviews are read twice, their ids and times first (24 bytes
+a review for the k-core and the order), then the kept reviews' texts; keyword counts are kept
+once per distinct (item, word) pair; the ``.reviews`` lines wait in an unnamed temporary file
+in ``--out``; the metadata is read once the kept items are known (plus a flags-only pass under
+``--require-meta``/``--require-image``), keeping only the fields written, of the kept items
+only. The outputs are written as they are produced into hidden temporary files in ``--out``,
+renamed together once all are complete: a failed or killed run leaves no output file.
+
 Usage::
 
     python dataset_prep/convert_amazon.py --reviews raw/reviews_Sports_and_Outdoors_5.json.gz \
@@ -73,20 +83,22 @@ from __future__ import annotations
 import argparse
 import ast
 import calendar
+import contextlib
 import html
 import json
 import re
 import sys
+import tempfile
 import time
 from array import array
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterator, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 
 from dataset_prep.common import clean_field, open_text, progress, summary, write_inter, write_item_table
-from reveal_recbole.atomic import atomic_write_text
+from reveal_recbole.atomic import atomic_target
 
 ASIN_PATTERN = re.compile(r"""['"]asin['"]\s*:\s*['"]([^'"]+)['"]""")
 TAG_PATTERN = re.compile(r"<[^>]*>")
@@ -107,6 +119,7 @@ STOP_WORDS = frozenset(
     amazon review star stars
     """.split()
 )
+T = TypeVar("T")
 
 
 class AmazonFormatError(ValueError):
@@ -167,7 +180,7 @@ def category_paths(record: dict) -> list[list[str]]:
     return [p for p in paths if p]
 
 
-def choose_path(paths: list[list[str]], root: str | None) -> list[str]:
+def choose_path(paths: Sequence[Sequence[str]], root: str | None) -> Sequence[str]:
     rooted = [p for p in paths if root is not None and p[0] == root]
     if rooted:
         return max(rooted, key=len)  # max keeps the first of equally long paths
@@ -197,10 +210,11 @@ class Interactions:
 
     @classmethod
     def read(cls, path: Path) -> "Interactions":
+        """One pass over the reviews keeping 24 bytes per review (int32 user and item, int64 line, float64 time)."""
         self = cls()
         user_ids: dict[str, int] = {}
         item_ids: dict[str, int] = {}
-        users, items, line_numbers = array("q"), array("q"), array("q")
+        users, items, line_numbers = array("i"), array("i"), array("q")
         times = array("d")
         with open_text(path) as handle:
             for number, line in enumerate(progress(handle, f"read {path.name}", unit="reviews")):
@@ -216,14 +230,14 @@ class Interactions:
                 items.append(item_ids.setdefault(item, len(item_ids)))
                 times.append(timestamp)
                 line_numbers.append(number)
+        if not users:
+            raise AmazonFormatError(f"{path}: no review line with reviewerID, asin and unixReviewTime")
         self.user_tokens = list(user_ids)
         self.item_tokens = list(item_ids)
-        self.user = np.frombuffer(users, dtype=np.int64).copy() if users else np.zeros(0, np.int64)
-        self.item = np.frombuffer(items, dtype=np.int64).copy() if items else np.zeros(0, np.int64)
-        self.time = np.frombuffer(times, dtype=np.float64).copy() if times else np.zeros(0)
-        self.line = np.frombuffer(line_numbers, dtype=np.int64).copy() if line_numbers else np.zeros(0, np.int64)
-        if not len(self.user):
-            raise AmazonFormatError(f"{path}: no review line with reviewerID, asin and unixReviewTime")
+        self.user = np.frombuffer(users, dtype=np.int32)
+        self.item = np.frombuffer(items, dtype=np.int32)
+        self.time = np.frombuffer(times, dtype=np.float64)
+        self.line = np.frombuffer(line_numbers, dtype=np.int64)
         return self
 
 
@@ -246,7 +260,7 @@ def first_of_duplicates(
     user: np.ndarray, item: np.ndarray, times: np.ndarray, line: np.ndarray, n_items: int
 ) -> np.ndarray:
     """Mask keeping, of each repeated (user, item) pair, the earliest row (time, then file order)."""
-    key = user * n_items + item
+    key = user.astype(np.int64) * n_items + item
     order = np.lexsort((line, times, key))
     keep_sorted = np.ones(len(order), dtype=bool)
     keep_sorted[1:] = key[order][1:] != key[order][:-1]
@@ -295,21 +309,46 @@ def tie_broken_times(user: np.ndarray, times: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- metadata
-def read_meta(path: Path, wanted: set[str]) -> tuple[dict[str, dict], int]:
-    """Records of the wanted ASINs (first record per ASIN), and the count of unparseable wanted lines."""
-    records: dict[str, dict] = {}
+class ItemMeta(NamedTuple):
+    """What the outputs use of a metadata record, already cleaned: a full record (related items,
+    ranks, features, ...) is many times larger, and millions of them do not fit in memory."""
+
+    title: str
+    category_paths: tuple[tuple[str, ...], ...]
+    brand: str
+    description: str
+    image_urls: tuple[str, ...]
+
+    @classmethod
+    def from_record(cls, record: dict, max_description_chars: int) -> "ItemMeta":
+        return cls(
+            strip_markup(record.get("title")),
+            tuple(tuple(path) for path in category_paths(record)),
+            strip_markup(record.get("brand")),
+            cut_words(strip_markup(record.get("description")), max_description_chars),
+            tuple(image_urls(record)),
+        )
+
+
+def read_meta(path: Path, wanted: set[str], keep: Callable[[dict], T]) -> tuple[dict[str, T], int]:
+    """``keep(record)`` of the first record of each wanted ASIN, and the count of unparseable wanted lines.
+
+    Lines of other ASINs are never parsed (the ASIN is found by a regular expression) and no
+    whole record outlives its line.
+    """
+    kept: dict[str, T] = {}
     bad = 0
     with open_text(path) as handle:
         for line in progress(handle, f"read {path.name}", unit="items"):
             match = ASIN_PATTERN.search(line)
-            if match is None or match.group(1) not in wanted or match.group(1) in records:
+            if match is None or match.group(1) not in wanted or match.group(1) in kept:
                 continue
             record = parse_record(line)
             if record is None or record.get("asin") != match.group(1):
                 bad += 1
                 continue
-            records[match.group(1)] = record
-    return records, bad
+            kept[match.group(1)] = keep(record)
+    return kept, bad
 
 
 # ----------------------------------------------------------------------------- keywords
@@ -335,69 +374,119 @@ def training_rows(users: np.ndarray, held_out: int = HELD_OUT) -> np.ndarray:
 
 def kept_review_texts(path: Path, kept_lines: np.ndarray, line_items: np.ndarray) -> Iterator[tuple[int, str]]:
     """(item index, ``summary`` + ``reviewText``) of every kept review, in file order."""
-    if not len(kept_lines):
-        return
-    item_of_line = dict(zip(kept_lines.tolist(), line_items.tolist()))
-    last = int(kept_lines.max())
+    order = np.argsort(kept_lines)
+    lines, items = kept_lines[order], line_items[order]
+    position = 0
     with open_text(path) as handle:
         for number, line in enumerate(progress(handle, f"review texts {path.name}", unit="reviews")):
-            if number > last:
+            if position == len(lines):
                 break
-            item = item_of_line.get(number)
-            if item is not None:
+            if number == lines[position]:
                 record = parse_record(line) or {}
                 summary_text = str(record.get("summary") or "").strip()
                 body = str(record.get("reviewText") or "").strip()
-                yield item, (f"{summary_text}. {body}" if summary_text and body else summary_text or body)
+                text = f"{summary_text}. {body}" if summary_text and body else summary_text or body
+                yield int(items[position]), text
+                position += 1
 
 
-def review_keywords(
-    documents: Iterable[tuple[int, str]],
-    item_tokens: list[str],
-    top_k: int,
-    min_df: int = 2,
-    max_df: float = 0.5,
-) -> dict[str, list[str]]:
-    """Top TF-IDF words of each item's reviews (the method is in the module docstring).
+class ReviewWordCounts:
+    """The review frequency rf(w, i) of every (item, word) pair, stored once per distinct pair.
 
-    ``documents`` are (item index, review text) pairs; they are always read to the end.
+    Each review's distinct words go into a bounded buffer of ``item << 32 | word`` keys that is
+    merged, when full, into the sorted distinct keys and their counts: memory grows with the
+    distinct pairs (12 bytes each), not with the (review, word) pairs, which repeat an item's
+    common words in every one of its reviews.
     """
-    vocabulary: dict[str, int] = {}
-    pair_items, pair_words = array("q"), array("q")
-    reviews = Counter()
-    for item, text in documents:
-        if top_k <= 0:
-            continue
+
+    def __init__(self, n_items: int, buffer_size: int = 1 << 22):
+        self.vocabulary: dict[str, int] = {}
+        self.reviews = np.zeros(n_items, dtype=np.int64)
+        self.keys = np.zeros(0, dtype=np.int64)
+        self.counts = np.zeros(0, dtype=np.int32)
+        self.buffer = array("q")
+        self.buffer_size = buffer_size
+
+    def add(self, item: int, text: str) -> None:
         words = {w for w in WORD_PATTERN.findall(text.lower()) if w not in STOP_WORDS}
-        reviews[item] += 1
-        for word in words:
-            pair_items.append(item)
-            pair_words.append(vocabulary.setdefault(word, len(vocabulary)))
-    if not vocabulary:
-        return {}
-    items = np.frombuffer(pair_items, dtype=np.int64)
-    words = np.frombuffer(pair_words, dtype=np.int64)
-    n_words = len(vocabulary)
-    pairs, rf = np.unique(items * n_words + words, return_counts=True)
-    pair_item, pair_word = pairs // n_words, pairs % n_words
-    df = np.bincount(pair_word, minlength=n_words)
-    n_docs = len(reviews)
-    idf = np.log((1 + n_docs) / (1 + df)) + 1.0
-    n_reviews = np.zeros(len(item_tokens), dtype=np.int64)
-    for item, count in reviews.items():
-        n_reviews[item] = count
-    ok = (df[pair_word] >= min_df) & (df[pair_word] <= max_df * n_docs) & (rf >= np.minimum(2, n_reviews[pair_item]))
-    score = (1.0 + np.log(rf)) * idf[pair_word]
-    words_by_id = np.array(list(vocabulary), dtype=object)
-    pair_item, pair_word, score = pair_item[ok], pair_word[ok], score[ok]
-    # sort by item, then score descending, then word ascending
-    order = np.lexsort((words_by_id[pair_word].astype(str), -score, pair_item))
-    keywords: dict[str, list[str]] = {}
-    for index in order:
-        chosen = keywords.setdefault(item_tokens[pair_item[index]], [])
-        if len(chosen) < top_k:
-            chosen.append(words_by_id[pair_word[index]])
-    return keywords
+        self.reviews[item] += 1
+        high = item << 32
+        self.buffer.extend(high | self.vocabulary.setdefault(word, len(self.vocabulary)) for word in words)
+        if len(self.buffer) >= self.buffer_size:
+            self.merge()
+
+    def merge(self) -> None:
+        """Fold the buffer into the distinct keys (a linear insert, no re-sort of what is stored)."""
+        new, new_counts = np.unique(np.frombuffer(self.buffer, dtype=np.int64), return_counts=True)
+        self.buffer = array("q")
+        at = np.searchsorted(self.keys, new)
+        found = at < len(self.keys)
+        found[found] = self.keys[at[found]] == new[found]
+        self.counts[at[found]] += new_counts[found].astype(np.int32)
+        self.keys = np.insert(self.keys, at[~found], new[~found])
+        self.counts = np.insert(self.counts, at[~found], new_counts[~found].astype(np.int32))
+
+    def keywords(
+        self, item_tokens: list[str], top_k: int, min_df: int = 2, max_df: float = 0.5
+    ) -> dict[str, list[str]]:
+        """Top TF-IDF words of each item's reviews (the method is in the module docstring)."""
+        self.merge()
+        if not len(self.keys):
+            return {}
+        pair_item, pair_word = self.keys >> 32, self.keys & 0xFFFFFFFF
+        words_by_id = list(self.vocabulary)
+        df = np.bincount(pair_word, minlength=len(words_by_id))
+        n_docs = int(np.count_nonzero(self.reviews))
+        idf = np.log((1 + n_docs) / (1 + df)) + 1.0
+        rf = self.counts
+        ok = (df[pair_word] >= min_df) & (df[pair_word] <= max_df * n_docs) & (
+            rf >= np.minimum(2, self.reviews[pair_item])
+        )
+        pair_item, pair_word, score = pair_item[ok], pair_word[ok], (1.0 + np.log(rf[ok])) * idf[pair_word[ok]]
+        alphabetical = np.empty(len(words_by_id), dtype=np.int64)
+        alphabetical[sorted(range(len(words_by_id)), key=words_by_id.__getitem__)] = np.arange(len(words_by_id))
+        # by item, then score descending, then word ascending; the first top_k of each item
+        order = np.lexsort((alphabetical[pair_word], -score, pair_item))
+        sorted_items = pair_item[order]
+        starts = np.flatnonzero(np.r_[True, sorted_items[1:] != sorted_items[:-1]])
+        rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+        keywords: dict[str, list[str]] = {}
+        for item, word in zip(sorted_items[rank < top_k].tolist(), pair_word[order[rank < top_k]].tolist()):
+            keywords.setdefault(item_tokens[item], []).append(words_by_id[word])
+        return keywords
+
+
+class ReviewSnippets:
+    """The first ``per_item`` training reviews of each item, spooled to an unnamed temporary file as
+    they are read (only their item and offset stay in memory) and written grouped by item at the end."""
+
+    def __init__(self, folder: Path, n_items: int, per_item: int, max_chars: int):
+        self.spool = tempfile.TemporaryFile(dir=folder)
+        self.per_item, self.max_chars = per_item, max_chars
+        self.written = np.zeros(n_items, dtype=np.int32)
+        self.items, self.offsets = array("i"), array("q", [0])
+
+    def add(self, item: int, text: str) -> None:
+        text = clean_field(text)
+        if self.written[item] < self.per_item and text:
+            self.written[item] += 1
+            self.items.append(item)
+            self.offsets.append(self.offsets[-1] + self.spool.write(cut_words(text, self.max_chars).encode("utf-8")))
+
+    def write(self, path: Path, item_order: np.ndarray, item_tokens: list[str]) -> None:
+        """``item_id<TAB>review`` lines, items in ``item_order``, each item's reviews in file order."""
+        rank = np.zeros(len(self.written), dtype=np.int64)
+        rank[item_order] = np.arange(len(item_order))
+        items = np.frombuffer(self.items, dtype=np.int32)
+        with atomic_target(path) as tmp, open(tmp, "wb") as handle:
+            handle.write(b"item_id\treview\n")
+            for index in np.argsort(rank[items], kind="stable").tolist():
+                self.spool.seek(self.offsets[index])
+                text = self.spool.read(self.offsets[index + 1] - self.offsets[index])
+                handle.write(item_tokens[items[index]].encode("utf-8") + b"\t" + text + b"\n")
+
+    def close(self) -> None:
+        self.spool.close()
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -420,7 +509,13 @@ def convert(
     max_review_chars: int = 1000,
     reviews_from: str = "train",
 ) -> dict:
-    """Convert; ``reviews_from="train"`` takes keywords and ``.reviews`` from training interactions only."""
+    """Convert; ``reviews_from="train"`` takes keywords and ``.reviews`` from training interactions only.
+
+    Two passes over each input: the reviews' ids and times first (k-core, order), then the kept
+    reviews' texts; metadata is read once the kept items are known (and once before, for flags
+    only, under ``require_meta``/``require_image``). The outputs are staged as hidden temporary
+    files in ``out`` and renamed together at the end: a failed or killed run leaves none of them.
+    """
     start = time.perf_counter()
     if (require_meta or require_image) and meta is None:
         raise AmazonFormatError("--require-meta / --require-image need --meta")
@@ -432,67 +527,70 @@ def convert(
         mask &= first_of_duplicates(data.user, data.item, data.time, data.line, len(data.item_tokens))
     duplicates = int((~mask).sum())
 
-    records, bad_meta = ({}, 0)
-    if meta is not None:
-        records, bad_meta = read_meta(meta, set(data.item_tokens))
+    bad_meta = 0  # unparseable metadata lines: of every reviewed item where the filters read them all
     if require_meta or require_image:
-        allowed = np.array(
-            [t in records and (not require_image or bool(image_urls(records[t]))) for t in data.item_tokens], dtype=bool
-        )
+        has_image, bad_meta = read_meta(meta, set(data.item_tokens), lambda record: bool(image_urls(record)))
+        allowed = np.array([has_image.get(t, False) if require_image else t in has_image for t in data.item_tokens])
         mask &= allowed[data.item]
+        del has_image, allowed
     mask, rounds = k_core(data.user, data.item, mask, user_k or k, item_k or k)
     if not mask.any():
         raise AmazonFormatError(f"{reviews}: nothing is left after the {user_k or k}/{item_k or k}-core filter")
     rows = chronological(data.user, data.time, data.line, mask)
+    del mask
     users, items = data.user[rows], data.item[rows]
     timestamps = tie_broken_times(users, data.time[rows])
+    first_rows = np.unique(items, return_index=True)[1]
+    item_order = items[np.sort(first_rows)]  # items in order of first appearance
+    tokens = [data.item_tokens[i] for i in item_order.tolist()]
 
     out.mkdir(parents=True, exist_ok=True)
-    sequences: dict[str, list[tuple[str, float]]] = {}
-    for u, i, t in zip(users.tolist(), items.tolist(), timestamps.tolist()):
-        sequences.setdefault(data.user_tokens[u], []).append((data.item_tokens[i], t))
-    n_rows = write_inter(out / f"{name}.inter", sequences.items())
+    with contextlib.ExitStack() as staged:
+        def stage(suffix: str) -> Path:
+            return Path(staged.enter_context(atomic_target(out / f"{name}{suffix}")))
 
-    item_order = list(dict.fromkeys(items.tolist()))
-    tokens = [data.item_tokens[i] for i in item_order]
-    snippets: dict[int, list[str]] = {}
-    review_rows = training_rows(users) if reviews_from == "train" else np.ones(len(rows), dtype=bool)
+        n_rows = write_inter(stage(".inter"), user_sequences(users, items, timestamps, data))
 
-    def texts():
-        for item, text in kept_review_texts(reviews, data.line[rows[review_rows]], items[review_rows]):
-            kept = snippets.setdefault(item, [])
-            if len(kept) < reviews_per_item and clean_field(text):
-                kept.append(cut_words(clean_field(text), max_review_chars))
-            yield item, text
+        review_rows = training_rows(users) if reviews_from == "train" else np.ones(len(rows), dtype=bool)
+        word_counts = ReviewWordCounts(len(data.item_tokens))
+        snippets = ReviewSnippets(out, len(data.item_tokens), reviews_per_item, max_review_chars)
+        staged.callback(snippets.close)
+        if keywords > 0 or reviews_per_item > 0:
+            for item, text in kept_review_texts(reviews, data.line[rows[review_rows]], items[review_rows]):
+                snippets.add(item, text)
+                if keywords > 0:
+                    word_counts.add(item, text)
+        words = word_counts.keywords(data.item_tokens, keywords, min_df, max_df) if keywords > 0 else {}
+        del word_counts
+        if reviews_per_item > 0:
+            snippets.write(stage(".reviews"), item_order, data.item_tokens)
 
-    words = {}
-    if keywords > 0 or reviews_per_item > 0:
-        words = review_keywords(texts(), data.item_tokens, keywords, min_df, max_df)
-    if reviews_per_item > 0:
-        review_lines = [f"{data.item_tokens[i]}\t{text}" for i in item_order for text in snippets.get(i, [])]
-        atomic_write_text(out / f"{name}.reviews", "\n".join(["item_id\treview", *review_lines]) + "\n")
-    roots = Counter(p[0] for t in tokens if t in records for p in category_paths(records[t]))
-    root = roots.most_common(1)[0][0] if roots else None
-    item_rows, image_rows = [], []
-    for token in tokens:
-        record = records.get(token, {})
-        item_rows.append([
-            token,
-            strip_markup(record.get("title")),
-            " > ".join(choose_path(category_paths(record), root)),
-            strip_markup(record.get("brand")),
-            cut_words(strip_markup(record.get("description")), max_description_chars),
-            " ".join(words.get(token, [])),
-        ])
-        urls = image_urls(record)
-        if urls:
-            image_rows.append(f"{token}\t{' '.join(urls)}")
-    write_item_table(out / f"{name}.item", item_rows, extra_header=["keywords:token_seq"])
-    if meta is not None:
-        atomic_write_text(out / f"{name}.images.tsv", "\n".join(["item_id\timage_urls", *image_rows]) + "\n")
+        records: dict[str, ItemMeta] = {}
+        if meta is not None:
+            records, bad_kept = read_meta(
+                meta, set(tokens), lambda record: ItemMeta.from_record(record, max_description_chars)
+            )
+            bad_meta = bad_meta or bad_kept
+        roots = Counter(p[0] for t in tokens if t in records for p in records[t].category_paths)
+        root = roots.most_common(1)[0][0] if roots else None
+        blank = ItemMeta("", (), "", "", ())
+        item_rows = (
+            [token, record.title, " > ".join(choose_path(record.category_paths, root)), record.brand,
+             record.description, " ".join(words.get(token, []))]
+            for token, record in ((token, records.get(token, blank)) for token in tokens)
+        )
+        write_item_table(stage(".item"), item_rows, extra_header=["keywords:token_seq"])
+        items_with_image = 0
+        if meta is not None:
+            with open(stage(".images.tsv"), "w", encoding="utf-8", newline="\n") as handle:
+                handle.write("item_id\timage_urls\n")
+                for token in tokens:
+                    if token in records and records[token].image_urls:
+                        handle.write(f"{token}\t{' '.join(records[token].image_urls)}\n")
+                        items_with_image += 1
 
     result = {
-        "users": len(sequences),
+        "users": len(np.unique(users)),
         "items": len(tokens),
         "interactions": n_rows,
         "review_lines": data.lines,
@@ -500,10 +598,10 @@ def convert(
         "duplicates_dropped": duplicates,
         "kcore_rounds": rounds,
         "items_with_meta": sum(t in records for t in tokens),
-        "items_with_image": len(image_rows),
+        "items_with_image": items_with_image,
         "reviews_from": reviews_from,
         "held_out_reviews_unused": int((~review_rows).sum()),
-        "reviews_written": sum(len(v) for v in snippets.values()),
+        "reviews_written": len(snippets.items),
         "unparseable_meta_lines": bad_meta,
         "seconds": time.perf_counter() - start,
     }
@@ -512,6 +610,16 @@ def convert(
         for key, value in result.items() if key not in ("users", "items", "interactions")
     )))
     return result
+
+
+def user_sequences(
+    users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, data: Interactions
+) -> Iterator[tuple[str, list[tuple[str, float]]]]:
+    """(user token, [(item token, timestamp), ...]) of rows grouped by user, one user at a time."""
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    for start, end in zip(starts.tolist(), np.r_[starts[1:], len(users)].tolist()):
+        events = zip(items[start:end].tolist(), timestamps[start:end].tolist())
+        yield data.user_tokens[users[start]], [(data.item_tokens[i], t) for i, t in events]
 
 
 def main(argv: list[str] | None = None) -> dict:
