@@ -2,6 +2,7 @@
 and ``objective_function`` and ``load_data_and_model`` their RecBole twins."""
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
@@ -20,6 +21,7 @@ from reveal_recbole.pipeline import load_run, prepare_run
 from reveal_recbole.recbole_seam import count_flops
 from reveal_recbole.target_buckets import evaluate_buckets, format_buckets, ranks_all_items
 
+FLOPS_MAX_MODEL_MB = 512  # Sports with 1,664-d features: about 130 MB; 100k items x 1,664-d: 650 MB
 _RUN_LOG_HANDLERS: list[logging.Handler] = []  # the handlers init_run_logger added for the previous run
 
 
@@ -96,8 +98,9 @@ def run_reveal(model=None, dataset=None, config_file_list=None, config_dict=None
     run = prepare_run(config)
     logger.info(run.dataset)
     logger.info(run.model)
-    flops = count_flops(run.model, run.dataset, config["device"], logger, construct_transform(config))
-    logger.info(set_color("FLOPs", "blue") + f": {flops}")
+    flops = model_flops(run.model, run.dataset, config)
+    if flops is not None:
+        logger.info(set_color("FLOPs", "blue") + f": {flops}")
 
     trainer = run.trainer
     if config["resume_file"]:
@@ -130,6 +133,22 @@ def run_reveal(model=None, dataset=None, config_file_list=None, config_dict=None
     if config["local_rank"] == 0 and queue is not None:
         queue.put(result)
     return result
+
+
+def model_flops(model, dataset, config) -> float | None:
+    """RecBole's FLOPs count, skipped (logged) for a model over ``FLOPS_MAX_MODEL_MB``.
+
+    ``recbole.utils.get_flops`` deep-copies the model on its device: at 1M items every table,
+    a second copy of gigabytes, for a diagnostic number.
+    """
+    size_mb = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers())) / 2**20
+    if size_mb > FLOPS_MAX_MODEL_MB:
+        getLogger().info(
+            f"FLOPs not counted: {type(model).__name__}'s parameters and buffers take {size_mb:,.1f} MB and RecBole's "
+            f"count deep-copies the model (limit {FLOPS_MAX_MODEL_MB} MB)"
+        )
+        return None
+    return count_flops(model, dataset, config["device"], getLogger(), construct_transform(config))
 
 
 def report_buckets(config, trainer, train_data, test_data) -> dict:
