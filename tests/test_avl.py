@@ -1,6 +1,7 @@
 """AVL: the K_v formula, exact gradient scaling, the avl switch, resume, and every REVEAL model."""
 from __future__ import annotations
 
+import copy
 import csv
 import math
 
@@ -220,6 +221,38 @@ def test_agm_scales_image_and_text_gradients(tiny_config):
         torch.testing.assert_close(scaled[name], factor * grad, rtol=1e-6, atol=1e-9)
     assert torch.equal(gradients(model, interaction)["item_embedding.projections.text.weight"],
                        plain["item_embedding.projections.text.weight"])  # the block removed the hooks
+
+
+def avl_step(model, interaction, scaler) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """One AVL training step backpropagated through ``scaler`` with K_v = 2.5: (logged norms, unscaled grads)."""
+    avl = AdaptiveVisualLearning(model, AVLConfig())
+    model.zero_grad()
+    with avl.gradient_hooks():
+        loss = avl.training_loss(interaction)
+        avl.k_v = torch.tensor(2.5)
+        scaler.scale(loss).backward()
+    summary = avl.end_epoch(0)
+    grads = {name: p.grad / scaler.get_scale() for name, p in model.named_parameters() if p.grad is not None}
+    return summary, grads
+
+
+def test_gradient_norms_are_logged_unscaled_under_amp(tiny_config):
+    """Before: the logged norms were the GradScaler's scaled ones, 1024x here (65536x with RecBole's default)."""
+    _, model, _, train_data, *_ = build(tiny_config | NO_DROPOUT | {"avl": False, "feature_trainable": True})
+    interaction = first_batch(train_data)
+    state = copy.deepcopy(model.state_dict())
+    plain_summary, plain = avl_step(model, interaction, torch.amp.GradScaler("cpu", enabled=False))
+    model.load_state_dict(state)
+    scaled_summary, scaled = avl_step(model, interaction, torch.amp.GradScaler("cpu", init_scale=1024.0))
+
+    for name, grad in plain.items():  # K_v scales the scaled gradients as the true ones: unscaled, they agree
+        torch.testing.assert_close(scaled[name], grad, rtol=1e-5, atol=1e-9)
+    names = {id(p): name for name, p in model.named_parameters()}
+    for modality in ("image", "text"):
+        grads = [plain[names[id(p)]] for p in model.item_embedding.modality_parameters(modality)]
+        norm = math.sqrt(sum(float(grad.pow(2).sum()) for grad in grads))
+        assert plain_summary[f"grad_norm_{modality}"] == pytest.approx(norm, rel=1e-5)
+        assert scaled_summary[f"grad_norm_{modality}"] == pytest.approx(norm, rel=1e-5)
 
 
 def hooked(model) -> list[str]:

@@ -30,7 +30,12 @@ At every training step (every ``avl_interval``-th step; K_v is held in between):
    later trainer (or any backward outside training) on the same model never meets a stale K_v.
 
 The running means live in the model buffer ``avl_running_losses`` (mean_v, mean_t, count), so
-RecBole's checkpoints save them and ``resume_checkpoint`` restores them.
+RecBole's checkpoints save them and ``resume_checkpoint`` restores them. Under DDP every rank folds
+in the same cross-rank means, so the buffer agrees across ranks without DDP broadcasting it.
+
+Under AMP, RecBole backpropagates ``GradScaler.scale(L)``: the hooks see gradients times the
+scale, which K_v multiplies as it would the true ones (the scaler divides it out before the
+optimiser step); the logged gradient norms are divided by it (:meth:`AdaptiveVisualLearning._record_loss_scale`).
 """
 from __future__ import annotations
 
@@ -211,7 +216,16 @@ class AdaptiveVisualLearning:
         self._grad_sq = {}
         self._records: list[dict] = []
         self._pending: Optional[dict] = None
+        self._loss_scale: Optional[torch.Tensor] = None
         self._hooks = []
+
+    def _record_loss_scale(self, grad: torch.Tensor) -> None:
+        """Keep the gradient reaching the loss: 1, or the GradScaler's scale under AMP.
+
+        RecBole's GradScaler is local to its epoch loop; the loss's own gradient is that scale
+        whichever scaler (or none) ran the backward, and it arrives before any parameter's.
+        """
+        self._loss_scale = grad.detach().float()
 
     def _gradient_hook(self, modality: str, weight: str | None):
         def hook(grad: torch.Tensor) -> torch.Tensor:
@@ -263,6 +277,8 @@ class AdaptiveVisualLearning:
         """The loss function handed to RecBole's training loop: L, after updating K_v for this step."""
         self._flush_step()
         loss = total_loss(self.model.calculate_loss(interaction))
+        if loss.requires_grad:
+            loss.register_hook(self._record_loss_scale)
         loss_v = loss_t = None
         if self.step % self.settings.interval == 0:
             loss_v, loss_t = masked_losses(self.model, interaction, self.settings.visual, self.settings.text)
@@ -280,11 +296,13 @@ class AdaptiveVisualLearning:
         if self._pending is None:
             return
         row = self._pending
+        scale = 1.0 if self._loss_scale is None else self._loss_scale
         for modality, column in ((self.settings.visual, "grad_norm_image"), (self.settings.text, "grad_norm_text")):
-            row[column] = torch.as_tensor(self._grad_sq.get(modality, 0.0)).sqrt()
+            row[column] = torch.as_tensor(self._grad_sq.get(modality, 0.0)).sqrt() / scale
         self._records.append(row)
         self._pending = None
         self._grad_sq = {}
+        self._loss_scale = None
 
     def end_epoch(self, epoch: int, csv_path: Optional[str] = None) -> dict[str, float]:
         """Write the epoch's per-step rows to ``csv_path`` and return epoch means for logging."""
