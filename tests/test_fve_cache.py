@@ -1,10 +1,19 @@
-"""FVE feature cache: keys, hits and misses, crash-safe entries, rebuild on a format change."""
+"""FVE feature cache: keys, hits and misses, crash-safe entries, rebuild on a format change, image digests by stat."""
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from reveal_recbole.data.feature_cache import CACHE_FORMAT_VERSION, FeatureCache, image_digest
+from reveal_recbole.data import feature_cache
+from reveal_recbole.data.feature_cache import (
+    CACHE_FORMAT_VERSION,
+    DIGESTS_FILE,
+    FeatureCache,
+    ImageDigests,
+    image_digest,
+)
 
 
 def test_keys_separate_image_prompt_and_encoder():
@@ -54,3 +63,52 @@ def test_other_format_version_is_rebuilt_not_read(tmp_path):
     cache.put(key, np.zeros(4))
     (tmp_path / "format.json").unlink()  # entries without a format file: unknown version, rebuilt too
     assert FeatureCache(tmp_path).get(key) is None
+
+
+@pytest.fixture
+def file_reads(monkeypatch):
+    """Every image file ImageDigests reads (and so hashes), by name."""
+    reads = []
+    real = feature_cache.read_image_file
+
+    def spy(path):
+        reads.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(feature_cache, "read_image_file", spy)
+    return reads
+
+
+def test_image_digests_reuse_a_digest_while_the_files_stat_is_unchanged(tmp_path, file_reads):
+    image = tmp_path / "a.png"
+    image.write_bytes(b"first")
+    digests = ImageDigests(tmp_path / "digests.json")
+    assert digests.digest(image) == (image_digest(b"first"), b"first")
+    assert digests.digest(image) == (image_digest(b"first"), None) and file_reads == ["a.png"]  # not read again
+
+    stat = image.stat()
+    image.write_bytes(b"other")  # same size: the new mtime says it changed
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert digests.digest(image) == (image_digest(b"other"), b"other")
+    image.write_bytes(b"longer bytes")
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # same mtime, other size
+    assert digests.digest(image)[0] == image_digest(b"longer bytes") and len(file_reads) == 3
+
+    digests.save()  # persisted: a new run reads nothing it has hashed
+    assert ImageDigests(tmp_path / "digests.json").digest(image) == (image_digest(b"longer bytes"), None)
+    assert len(file_reads) == 3
+    with pytest.raises(FileNotFoundError):
+        digests.digest(tmp_path / "absent.png")
+
+
+def test_feature_cache_keeps_image_digests_beside_its_entries(tmp_path, file_reads):
+    image = tmp_path / "a.png"
+    image.write_bytes(b"pixels")
+    cache = FeatureCache(tmp_path / "cache")
+    cache.digests.digest(image)
+    cache.digests.save()
+    assert (tmp_path / "cache" / DIGESTS_FILE).is_file()
+    assert FeatureCache(tmp_path / "cache").digests.digest(image) == (image_digest(b"pixels"), None)
+    (tmp_path / "cache" / DIGESTS_FILE).write_text("{not json")  # unreadable: ignored, every file hashed again
+    assert FeatureCache(tmp_path / "cache").digests.digest(image) == (image_digest(b"pixels"), b"pixels")
+    assert file_reads == ["a.png", "a.png"]

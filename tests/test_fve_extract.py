@@ -377,3 +377,49 @@ def test_bad_files_in_the_image_folder_are_logged_and_replaced(tmp_path, caplog)
             assert len(lines) == 1 and reason in lines[0] and f"{name}.png" in lines[0], lines
             assert np.array_equal(features[row], missing_image_vector(name, 4))
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 1  # a rejected image is never cached
+
+
+@pytest.fixture
+def image_reads(monkeypatch):
+    """Every image file read (and hashed) for a cache key, by name."""
+    from reveal_recbole.data import feature_cache
+
+    reads, real = [], feature_cache.read_image_file
+
+    def spy(path):
+        reads.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(feature_cache, "read_image_file", spy)
+    return reads
+
+
+def test_a_round_reads_only_the_images_of_changed_prompts(tmp_path, image_reads):
+    import os
+
+    for i in range(6):
+        (tmp_path / f"{i}.png").write_bytes(png_bytes(i))
+    items = [ItemImage(str(i), f"prompt {i}", tmp_path / f"{i}.png") for i in range(6)]
+    cache, encoder = FeatureCache(tmp_path / "cache"), CountingEncoder()
+    first = extract_item_features(items, encoder, cache, batch_size=4, show_progress=False, workers=0)
+    assert sorted(image_reads) == [f"{i}.png" for i in range(6)]  # each read once: hashed, decoded
+
+    image_reads.clear()
+    changed = [*items[:2], ItemImage("2", "a new prompt", tmp_path / "2.png"), *items[3:]]
+    second = extract_item_features(changed, encoder, cache, batch_size=4, show_progress=False, workers=0)
+    assert image_reads == ["2.png"] and encoder.calls[-1] == ["a new prompt"]
+    assert np.array_equal(np.delete(second, 2, 0), np.delete(first, 2, 0))
+
+    image_reads.clear()  # a resumed run: the digests come back from the cache folder, no image is read
+    resumed = extract_item_features(changed, encoder, FeatureCache(tmp_path / "cache"), 4, False, workers=0)
+    assert image_reads == [] and np.array_equal(resumed, second) and len(encoder.calls) == 3
+
+    stat = (tmp_path / "4.png").stat()  # a new picture of the same size, with a new mtime
+    assert len(png_bytes(40)) == stat.st_size
+    (tmp_path / "4.png").write_bytes(png_bytes(40))
+    os.utime(tmp_path / "4.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    image_reads.clear()
+    rehashed = extract_item_features(changed, encoder, FeatureCache(tmp_path / "cache"), 4, False, workers=0)
+    assert image_reads == ["4.png"] and encoder.calls[-1] == ["prompt 4"]  # its old feature is not reused
+    expected = extract_item_features([changed[4]], CountingEncoder(), None, show_progress=False)[0]
+    assert np.array_equal(rehashed[4], expected) and not np.array_equal(rehashed[4], second[4])

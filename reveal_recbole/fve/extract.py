@@ -10,7 +10,9 @@ An :class:`ImageEncoder` maps (image, prompt) pairs to L2-normalised vectors. Ba
   embedding), so the prompt chooses which regions of the image the feature describes.
 
 :func:`extract_item_features` runs an encoder over a catalogue in batches, reading unchanged
-(image, prompt, encoder) triples from a :class:`~reveal_recbole.fve.cache.FeatureCache`.
+(image, prompt, encoder) triples from a :class:`~reveal_recbole.data.feature_cache.FeatureCache`.
+On a GPU both encoders run in a half-precision dtype (:func:`resolve_extract_dtype`); features
+are returned and cached as float32 either way.
 """
 from __future__ import annotations
 
@@ -19,10 +21,10 @@ import hashlib
 import importlib.util
 import logging
 import os
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from reveal_recbole.data.feature_cache import FeatureCache, image_digest
+from reveal_recbole.data.feature_cache import FeatureCache, image_digest, read_image_file
 from reveal_recbole.image_io import ImageRejected, decode_image
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,32 @@ class ImageEncoder(abc.ABC):
     @abc.abstractmethod
     def encode(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
         """``(len(images), dim)`` float32 rows of unit L2 norm, row ``i`` for ``images[i]`` under ``prompts[i]``."""
+
+
+EXTRACT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_extract_dtype(setting: str | None, device: str | torch.device) -> torch.dtype:
+    """The dtype a Hugging Face encoder runs in (config key ``fve_extract_dtype``).
+
+    ``auto`` (or None): bfloat16 on a CUDA device that supports it, else float16 there (half the
+    memory and far more images/s than float32 on tensor cores), float32 on the CPU, where half
+    precision is slow. Any other setting is taken as it is.
+    """
+    setting = setting or "auto"
+    if setting not in EXTRACT_DTYPES:
+        raise ValueError(f"fve_extract_dtype must be one of {EXTRACT_DTYPES}, got {setting!r}")
+    if setting != "auto":
+        return getattr(torch, setting)
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def dtype_tag(dtype: torch.dtype) -> str:
+    """The suffix an encoder's ``name`` gets for a dtype other than float32: its features differ
+    slightly, so they must not share cache entries with float32 ones."""
+    return "" if dtype == torch.float32 else f"+{str(dtype).removeprefix('torch.')}"
 
 
 def text_guided_pooling(patch_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: float) -> torch.Tensor:
@@ -84,21 +112,28 @@ class CLIPPromptEncoder(ImageEncoder):
 
     POOLING = "clip-text-guided-patches-v1"
 
-    def __init__(self, model, image_processor, tokenizer, name: str, device: str | torch.device = "cpu"):
+    def __init__(self, model, image_processor, tokenizer, name: str, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        """``dtype``: the autocast dtype of :meth:`encode` (weights stay float32: CLIP is small, and
+        autocast keeps norms and softmax in float32)."""
         self.model = model.eval().to(device)
         self.image_processor, self.tokenizer, self.device = image_processor, tokenizer, torch.device(device)
-        self.name = f"{self.POOLING}:{name}"
+        self.dtype = dtype
+        self.name = f"{self.POOLING}:{name}{dtype_tag(dtype)}"
         self.dim = model.config.projection_dim
         self.max_text_length = model.config.text_config.max_position_embeddings
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, revision: str | None = None, device: str = "cpu") -> CLIPPromptEncoder:
+    def from_pretrained(cls, name_or_path: str, revision: str | None = None, device: str = "cpu",
+                        dtype: str | None = "auto") -> CLIPPromptEncoder:
+        """``dtype``: a :func:`resolve_extract_dtype` setting."""
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
         model = CLIPModel.from_pretrained(name_or_path, revision=revision)
         image_processor = AutoImageProcessor.from_pretrained(name_or_path, revision=revision)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
-        return cls(model, image_processor, tokenizer, name=f"{name_or_path}@{revision or 'default'}", device=device)
+        return cls(model, image_processor, tokenizer, name=f"{name_or_path}@{revision or 'default'}", device=device,
+                   dtype=resolve_extract_dtype(dtype, device))
 
     @torch.no_grad()
     def encode(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
@@ -106,13 +141,15 @@ class CLIPPromptEncoder(ImageEncoder):
         text = self.tokenizer(
             prompts, padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"
         ).to(self.device)
-        text_embeds = _pooled(
-            self.model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
-        )
-        vision = self.model.vision_model(pixel_values=pixel_values)
-        patches = self.model.visual_projection(self.model.vision_model.post_layernorm(vision.last_hidden_state[:, 1:]))
-        pooled = text_guided_pooling(patches, text_embeds, float(self.model.logit_scale.exp()))
-        return pooled.float().cpu().numpy()
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            text_embeds = _pooled(
+                self.model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
+            )
+            vision = self.model.vision_model(pixel_values=pixel_values)
+            hidden = self.model.vision_model.post_layernorm(vision.last_hidden_state[:, 1:])
+            patches = self.model.visual_projection(hidden)
+        pooled = text_guided_pooling(patches.float(), text_embeds.float(), float(self.model.logit_scale.exp()))
+        return pooled.cpu().numpy()
 
 
 def mean_over_image_tokens(hidden: torch.Tensor, input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
@@ -146,8 +183,9 @@ class VLMPromptEncoder(ImageEncoder):
     POOLING = "vlm-mean-image-tokens-v1"
 
     def __init__(self, model, processor, name: str):
+        """``model`` in the dtype and on the device it runs in (see :meth:`from_pretrained`)."""
         self.model, self.processor = model.eval(), processor
-        self.name = f"{self.POOLING}:{name}"
+        self.name = f"{self.POOLING}:{name}{dtype_tag(model.dtype)}"
         self.image_token_id = int(model.config.image_token_id)
         text_config = getattr(model.config, "text_config", model.config)
         self.dim = int(text_config.hidden_size)
@@ -158,14 +196,17 @@ class VLMPromptEncoder(ImageEncoder):
         name_or_path: str = "Qwen/Qwen2.5-VL-7B-Instruct",
         revision: str | None = None,
         load_in_4bit: bool = False,
-        device_map: str | None = "auto",
-        dtype: str = "auto",
+        device: str | torch.device = "cpu",
+        dtype: str | None = "auto",
         max_pixels: int | None = None,
     ) -> VLMPromptEncoder:
-        """Load model and processor by hub name or local path; ``load_in_4bit`` needs bitsandbytes
-        (as the authors ran the 7B model); ``max_pixels`` bounds the image tokens per image."""
+        """Load model and processor by hub name or local path onto ``device``, the weights in ``dtype`` (a
+        :func:`resolve_extract_dtype` setting: bfloat16 or float16 on a GPU halves the memory of float32);
+        ``load_in_4bit`` needs bitsandbytes and a GPU (as the authors ran the 7B model); ``max_pixels``
+        bounds the image tokens per image."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        torch_dtype = resolve_extract_dtype(dtype, device)
         quantization = None
         if load_in_4bit:
             if importlib.util.find_spec("bitsandbytes") is None:
@@ -173,13 +214,17 @@ class VLMPromptEncoder(ImageEncoder):
             from transformers import BitsAndBytesConfig
 
             quantization = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype
             )
         processor_kwargs = {"max_pixels": max_pixels} if max_pixels else {}
         processor = AutoProcessor.from_pretrained(name_or_path, revision=revision, **processor_kwargs)
+        # a device_map needs accelerate; bitsandbytes needs one (it quantizes while placing the weights)
+        placement = {"device_map": {"": str(device)}} if load_in_4bit else {}
         model = AutoModelForImageTextToText.from_pretrained(
-            name_or_path, revision=revision, dtype=dtype, device_map=device_map, quantization_config=quantization
+            name_or_path, revision=revision, dtype=torch_dtype, quantization_config=quantization, **placement
         )
+        if not load_in_4bit:
+            model = model.to(device)
         suffix = "-4bit" if load_in_4bit else ""
         return cls(model, processor, name=f"{name_or_path}@{revision or 'default'}{suffix}")
 
@@ -189,7 +234,12 @@ class VLMPromptEncoder(ImageEncoder):
     @torch.no_grad()
     def encode(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
         texts = [self.processor.apply_chat_template(self.messages(p), tokenize=False) for p in prompts]
-        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt").to(self.model.device)
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        device, dtype = self.model.device, self.model.dtype  # pixel values in the weights' dtype
+        inputs = {
+            name: value.to(device, dtype) if value.is_floating_point() else value.to(device)
+            for name, value in inputs.items()
+        }
         decoder = getattr(self.model, "model", self.model)  # the base model: hidden states without the LM head
         hidden = decoder(**inputs).last_hidden_state
         return mean_over_image_tokens(hidden.float(), inputs["input_ids"], self.image_token_id).cpu().numpy()
@@ -217,13 +267,17 @@ def missing_image_vector(token: str, dim: int) -> np.ndarray:
     return (vector / np.linalg.norm(vector)).astype(np.float32)
 
 
-def _image_bytes(source: str | os.PathLike | bytes | None) -> bytes | None:
-    if source is None or isinstance(source, bytes):
-        return source
-    try:
-        return Path(source).read_bytes()
-    except FileNotFoundError:
-        return None
+def _key(item: ItemImage, encoder_name: str, cache: FeatureCache | None) -> tuple[str | None, bytes | None]:
+    """The item's cache key (None without a cache) and its image bytes when they were read: a
+    file whose digest :class:`~reveal_recbole.data.feature_cache.ImageDigests` remembers is not
+    read. An absent image raises FileNotFoundError."""
+    source = item.image
+    if source is None:
+        raise FileNotFoundError("no image")
+    if cache is None:
+        return None, source if isinstance(source, bytes) else read_image_file(source)[0]
+    digest, data = (image_digest(source), source) if isinstance(source, bytes) else cache.digests.digest(source)
+    return FeatureCache.key(digest, item.prompt, encoder_name), data
 
 
 def _describe(source: str | os.PathLike | bytes | None) -> str:
@@ -259,18 +313,22 @@ def extract_item_features(
     cannot decode) get :func:`missing_image_vector` and are never cached. Write the result with
     ``reveal_recbole.data.features.write_item_features(dir, dataset, "image", tokens, features)``.
 
-    Each image's bytes are read once: hashed for the cache key and, on a miss, decoded from the
-    same bytes. Decoding (and :meth:`ImageEncoder.prepare`, e.g. the resize) runs in ``workers``
-    threads (default :func:`default_decode_workers`; 0 decodes in this thread), one batch ahead:
-    while batch k runs through the encoder, batch k+1 is decoded. At most two batches of images
-    are held at a time. Batches, encoder calls, features and cache reads and writes are the same
-    for any ``workers``.
+    An image file is read only for a miss: its digest (part of the key) comes from the cache's
+    :class:`~reveal_recbole.data.feature_cache.ImageDigests` while the file's size, mtime and
+    inode are unchanged, and is saved there at the end. A file read for its digest is read once:
+    hashed and, on a miss, decoded from the same bytes; a miss on a remembered digest reads the
+    file and keys the new feature by the digest of what was read. Decoding (and
+    :meth:`ImageEncoder.prepare`, e.g. the resize) runs in ``workers`` threads (default
+    :func:`default_decode_workers`; 0 decodes in this thread), one batch ahead: while batch k runs
+    through the encoder, batch k+1 is decoded. At most two batches of images are held at a time.
+    Batches, encoder calls, features and cache reads and writes are the same for any ``workers``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     workers = default_decode_workers() if workers is None else int(workers)
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
+    begin = time.perf_counter()
     features = np.empty((len(items), encoder.dim), dtype=np.float32)
     missing: list[int] = []
     missed_keys: set[str] = set()
@@ -279,21 +337,24 @@ def extract_item_features(
     def lookups() -> Iterator[tuple[int, str, bytes]]:
         """Cache misses in item order as (row, key, bytes); hits are written to ``features``."""
         for row, item in enumerate(items):
-            data = _image_bytes(item.image)
-            if data is None:
+            try:
+                key, data = _key(item, encoder.name, cache)
+                if cache is None:
+                    cached = None
+                elif key in missed_keys:
+                    # Missed earlier in this call and perhaps stored since: a miss, as when every
+                    # lookup came before the first write.
+                    cache.misses += 1
+                    cached = None
+                else:
+                    cached = cache.get(key)
+                if cached is None and data is None:  # a miss on a remembered digest: read the file now,
+                    digest, data = cache.digests.read(item.image)  # and key it by what was read
+                    key = FeatureCache.key(digest, item.prompt, encoder.name)
+            except FileNotFoundError:
                 missing.append(row)
                 counts["absent"] += 1
                 continue
-            key = FeatureCache.key(image_digest(data), item.prompt, encoder.name)
-            if cache is None:
-                cached = None
-            elif key in missed_keys:
-                # Missed earlier in this call and perhaps stored since: a miss, as when every
-                # lookup came before the first write.
-                cache.misses += 1
-                cached = None
-            else:
-                cached = cache.get(key)
             if cached is None:
                 missed_keys.add(key)
                 counts["misses"] += 1
@@ -358,11 +419,14 @@ def extract_item_features(
             pool.shutdown(wait=True, cancel_futures=True)
         progress.close()
 
+    if cache is not None:
+        cache.digests.save()
     for row in missing:
         features[row] = missing_image_vector(items[row].token, encoder.dim)
+    encoded = counts["misses"] - counts["undecodable"]
     logger.info(
-        "image features: %d items, %d read from cache, %d encoded, %d without a usable image",
-        len(items), len(items) - counts["misses"] - counts["absent"], counts["misses"] - counts["undecodable"],
-        len(missing),
+        "image features: %d items, %d read from cache, %d encoded (%.1f images/s), %d without a usable image",
+        len(items), len(items) - counts["misses"] - counts["absent"], encoded,
+        encoded / (time.perf_counter() - begin), len(missing),
     )
     return features

@@ -36,14 +36,17 @@ Everything a run produces lives in one output folder (``fve_output_dir``, defaul
 - ``round-NNN/``: each round's model checkpoint; ``cache/``: the feature cache
   (``fve_cache_dir`` to share one between runs); ``result.json``: scores and the final test.
 
-Each round's summary also has the seconds spent extracting features and the number of images
-encoded (cache misses), and, when the dataset records where each item's object is
-(``<dataset>.regions.tsv``) and the encoder exposes patch weights, ``attention``: the share of
+Each round's summary also has the seconds spent extracting features, the number of images
+encoded (cache misses) and ``images_per_second``; only the items whose prompt changed are looked
+up, and only the images of cache misses are read (``FeatureCache.digests`` remembers the others'
+digests). When the dataset records where each item's object is (``<dataset>.regions.tsv``) and
+the encoder exposes patch weights, the summary also has ``attention``: the share of
 patch weight on the item's region (``fve.attention``) over all items and over the items whose
 prompt the round changed, before and after (per item in the history rows).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -52,7 +55,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -71,7 +74,7 @@ from reveal_recbole.data.features import (
 from reveal_recbole.errors import ConfigError
 from reveal_recbole.fve.attention import RegionAttention, attention_summary, read_item_regions
 from reveal_recbole.fve.critic import Critic, OfflineCritic, build_critic_request
-from reveal_recbole.fve.extract import ImageEncoder, ItemImage, extract_item_features
+from reveal_recbole.fve.extract import ImageEncoder, ItemImage, extract_item_features, resolve_extract_dtype
 from reveal_recbole.fve.feedback import RankFeedback, collect_valid_feedback
 from reveal_recbole.fve.keep import DEFAULT_ALPHA, DEFAULT_MARGIN, KeepDecision, keep_round, parse_metric, user_metric
 from reveal_recbole.fve.prompt import DEFAULT_TEMPLATE, build_prompt, item_category, keyword_text, review_keywords
@@ -111,10 +114,11 @@ def default_encoder_model(kind: str) -> str | None:
     return {"clip": DEFAULT_CLIP, "vlm": DEFAULT_VLM}.get(kind)
 
 
-def load_image_encoder(kind: str, name: str | None, device: str) -> ImageEncoder:
+def load_image_encoder(kind: str, name: str | None, device: str, dtype: str | None = "auto") -> ImageEncoder:
     """The encoder of ``kind`` (one of :data:`ENCODERS`); ``name``: a hub name or local path for
     clip / vlm (default :func:`default_encoder_model`), the alignment head's file for aligned
-    (default :data:`DEFAULT_ALIGNER`). Loading errors propagate to the caller."""
+    (default :data:`DEFAULT_ALIGNER`); ``dtype``: what clip / vlm run in
+    (:func:`~reveal_recbole.fve.extract.resolve_extract_dtype`). Loading errors propagate to the caller."""
     from reveal_recbole.fve.efficientnet import EfficientNetLiteEncoder
     from reveal_recbole.fve.extract import CLIPPromptEncoder, VLMPromptEncoder
 
@@ -123,9 +127,9 @@ def load_image_encoder(kind: str, name: str | None, device: str) -> ImageEncoder
 
         return AlignedPromptEncoder.from_aligner(name or DEFAULT_ALIGNER, device=device)
     if kind == "clip":
-        return CLIPPromptEncoder.from_pretrained(name or DEFAULT_CLIP, device=device)
+        return CLIPPromptEncoder.from_pretrained(name or DEFAULT_CLIP, device=device, dtype=dtype)
     if kind == "vlm":
-        return VLMPromptEncoder.from_pretrained(name or DEFAULT_VLM)
+        return VLMPromptEncoder.from_pretrained(name or DEFAULT_VLM, device=device, dtype=dtype)
     if kind == "efficientnet-onnx":  # the same features through ONNX Runtime, on the CPU
         return EfficientNetLiteEncoder.from_package(runtime="onnx")
     return EfficientNetLiteEncoder.from_package(device=device)
@@ -140,7 +144,8 @@ def _optional(config, key: str):
 
 
 def build_encoder(config) -> ImageEncoder:
-    """The image encoder named by ``fve_encoder`` (and ``fve_encoder_name``: a hub name or local path).
+    """The image encoder named by ``fve_encoder`` (and ``fve_encoder_name``: a hub name or local path;
+    ``fve_extract_dtype``: what clip / vlm run in).
 
     ``aligned`` is the offline prompt-conditioned encoder (:mod:`reveal_recbole.fve.aligned`): its
     alignment head is read from ``fve_aligner_path`` (default :data:`DEFAULT_ALIGNER`); without a
@@ -149,6 +154,11 @@ def build_encoder(config) -> ImageEncoder:
     kind = config["fve_encoder"] or "clip"
     if kind not in ENCODERS:
         raise FVEError(f"fve_encoder must be one of {ENCODERS}, got {kind!r}")
+    dtype = _optional(config, "fve_extract_dtype")
+    try:
+        resolve_extract_dtype(dtype, config["device"])  # a wrong setting fails before any download
+    except ValueError as error:
+        raise FVEError(str(error)) from None
     if kind == "aligned":
         from reveal_recbole.errors import UserInputError
 
@@ -163,7 +173,7 @@ def build_encoder(config) -> ImageEncoder:
             ) from None
     name = config["fve_encoder_name"] or default_encoder_model(kind)
     try:
-        return load_image_encoder(kind, name, str(config["device"]))
+        return load_image_encoder(kind, name, str(config["device"]), dtype)
     except (OSError, ImportError) as error:
         raise FVEError(
             f"could not load the {kind} encoder {name or ''} ({' '.join(str(error).split())}). Set fve_encoder_name "
@@ -308,6 +318,7 @@ class FVERun:
         self.critic_image = bool(config["fve_critic_image"])
         self._told_text_only = False
         self._region_attention: RegionAttention | None = None
+        self._kept: tuple[Path, torch.nn.Module] | None = None  # see kept_model
 
     @staticmethod
     def _build_dataset(config) -> MultimodalSequentialDataset:
@@ -374,26 +385,48 @@ class FVERun:
         new = old if after == before else regions.mass(after)  # round 0 measures one set of prompts
         return attention_summary(old, new, changed, regions.uniform()), old, new
 
-    def timed_extract(self, prompts: Mapping[str, str]) -> tuple[np.ndarray, dict[str, float]]:
-        """:meth:`extract` and what it cost: seconds and images encoded (cache misses)."""
+    def timed_extract(
+        self, prompts: Mapping[str, str], kept: tuple[Mapping[str, str], np.ndarray] | None = None
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """:meth:`extract` and what it cost: seconds, images encoded (cache misses) and their rate over
+        the whole step (cache reads included; None when nothing was encoded)."""
         misses, begin = self.cache.misses, time.perf_counter()
-        features = self.extract(prompts)
-        return features, {"extract_seconds": time.perf_counter() - begin, "encoded": self.cache.misses - misses}
+        features = self.extract(prompts, kept)
+        seconds, encoded = time.perf_counter() - begin, self.cache.misses - misses
+        rate = encoded / seconds if encoded else None
+        return features, {"extract_seconds": seconds, "encoded": encoded, "images_per_second": rate}
 
     def settings(self) -> dict[str, object]:
         return {"model": self.config["model"], "dataset": self.config["dataset"], "encoder": self.encoder.name}
 
     # -- features
-    def extract(self, prompts: Mapping[str, str]) -> np.ndarray:
+    def extract(
+        self, prompts: Mapping[str, str], kept: tuple[Mapping[str, str], np.ndarray] | None = None
+    ) -> np.ndarray:
         """Image features of every item under ``prompts``; unchanged (image, prompt) pairs come from the cache.
 
-        An encoder that ignores prompts (``conditions_on_prompt = False``) is keyed by image only.
+        With ``kept`` (prompts and the features extracted under them), only the items whose prompt
+        differs are looked up: a round touches a quarter of the catalogue at most, and the others'
+        rows are copied, not read back from the cache. An encoder that ignores prompts
+        (``conditions_on_prompt = False``) is keyed by image only.
         """
         conditioned = getattr(self.encoder, "conditions_on_prompt", True)
-        items = [ItemImage(t, prompts[t] if conditioned else "", self.images.path(t)) for t in self.tokens]
-        return extract_item_features(
+        rows = range(len(self.tokens))
+        if kept is not None:
+            rows = [row for row, token in enumerate(self.tokens) if prompts[token] != kept[0][token]]
+        items = [
+            ItemImage(self.tokens[row], prompts[self.tokens[row]] if conditioned else "",
+                      self.images.path(self.tokens[row]))
+            for row in rows
+        ]
+        extracted = extract_item_features(
             items, self.encoder, self.cache, int(self.config["fve_batch_size"]), bool(self.config["show_progress"])
         )
+        if kept is None:
+            return extracted
+        features = kept[1].copy()
+        features[rows] = extracted
+        return features
 
     def attach(self, features: np.ndarray) -> None:
         """Give the training split (which the model is built from) these image features."""
@@ -435,9 +468,28 @@ class FVERun:
         return RoundResult(float(score), {k: float(v) for k, v in result.items()}, Path(trainer.saved_model_file))
 
     def load_model(self, features: np.ndarray, model_file: Path) -> torch.nn.Module:
+        """The model of a checkpoint, on the device; the checkpoint is read to the CPU (it would
+        otherwise hold a second device copy of every weight until the state dict is loaded)."""
         self.attach(features)
-        checkpoint = load_checkpoint(model_file, map_location=self.config["device"])
+        checkpoint = load_checkpoint(model_file, map_location="cpu")
         return build_model(self.config, self.train_data, checkpoint)
+
+    @contextlib.contextmanager
+    def kept_model(self, features: np.ndarray, model_file: Path) -> Iterator[torch.nn.Module]:
+        """The kept model on the device for one use (its feedback pass, the final test).
+
+        Loaded once per kept round and held on the CPU between uses, so the round that trains
+        next has the device to itself and a discarded round reloads nothing. Parking puts it in
+        eval mode, which also drops its cached item table (a device tensor).
+        """
+        if self._kept is None or self._kept[0] != model_file:
+            self._kept = None  # the previous kept model goes before the next one loads
+            self._kept = (model_file, self.load_model(features, model_file))
+        model = self._kept[1].to(self.config["device"])
+        try:
+            yield model
+        finally:
+            model.eval().to("cpu")
 
     # -- the keep decision
     def valid_feedback(self, model) -> RankFeedback:
@@ -558,10 +610,10 @@ def run_fve(
             on_round(run, state, kept_features)
 
     model_file = output / state.kept_model_file
-    kept_model = run.load_model(kept_features, model_file)
-    test_result = run.trainer(kept_model, output).evaluate(
-        run.test_data, load_best_model=False, show_progress=config["show_progress"]
-    )
+    with run.kept_model(kept_features, model_file) as kept_model:
+        test_result = run.trainer(kept_model, output).evaluate(
+            run.test_data, load_best_model=False, show_progress=config["show_progress"]
+        )
     test_result = {k: float(v) for k, v in test_result.items()}
     result = {
         "output_dir": str(output),
@@ -612,7 +664,9 @@ def start(run: FVERun) -> tuple[FVEState, np.ndarray]:
         rounds=[summary],
     )
     state.save(run.output)
-    logger.info(f"FVE round 0: valid {run.config['valid_metric']} {trained.valid_score:.4f}")
+    logger.info(
+        f"FVE round 0: {extraction_note(cost)}, valid {run.config['valid_metric']} {trained.valid_score:.4f}"
+    )
     return state, features
 
 
@@ -626,8 +680,8 @@ def feedback_round(run: FVERun, state: FVEState, round_index: int, kept_features
     if not run.conditions_on_prompt:
         summary["reason"] = PROMPT_BLIND  # said once by run_fve; no feedback, critic or training
     else:
-        kept_model = run.load_model(kept_features, run.output / state.kept_model_file)
-        stats = run.valid_feedback(kept_model)
+        with run.kept_model(kept_features, run.output / state.kept_model_file) as kept_model:
+            stats = run.valid_feedback(kept_model)
         prompts, rows = run.propose(stats, state.prompts, round_index)
         summary.update(hard_items=len(rows), changed_prompts=sum(row["changed"] for row in rows))
         attention, old_mass, new_mass = run.attention(state.prompts, prompts, [r["item"] for r in rows if r["changed"]])
@@ -642,7 +696,7 @@ def feedback_round(run: FVERun, state: FVEState, round_index: int, kept_features
         elif repeated is not None:  # same kept model, seed and batch order: retraining would repeat that round
             summary["reason"] = f"same prompts as round {repeated}, discarded: not retrained"
         else:
-            features, cost = run.timed_extract(prompts)
+            features, cost = run.timed_extract(prompts, (state.prompts, kept_features))
             summary.update(cost)
             if np.array_equal(features, kept_features):
                 summary["reason"] = "image features unchanged (no changed item has an image)"
@@ -670,10 +724,19 @@ def feedback_round(run: FVERun, state: FVEState, round_index: int, kept_features
     score = "-" if summary["valid_score"] is None else f"{summary['valid_score']:.4f}"
     logger.info(
         f"FVE round {round_index}: {len(rows)} hard items, {summary['changed_prompts']} prompts changed, "
-        f"valid {score}, {'kept' if summary['kept'] else 'discarded'} ({summary['reason']}); "
-        f"best {state.best_valid_score:.4f}"
+        f"{extraction_note(summary)}, valid {score}, {'kept' if summary['kept'] else 'discarded'} "
+        f"({summary['reason']}); best {state.best_valid_score:.4f}"
     )
     return features if summary["kept"] else kept_features
+
+
+def extraction_note(cost: Mapping[str, object]) -> str:
+    """A round's extraction cost for its log line."""
+    if cost.get("extract_seconds") is None:
+        return "nothing extracted"
+    rate = cost["images_per_second"]
+    return (f"{cost['encoded']} images encoded in {cost['extract_seconds']:.1f} s"
+            + ("" if rate is None else f" ({rate:.1f} images/s)"))
 
 
 def prompts_digest(prompts: Mapping[str, str]) -> str:
