@@ -11,10 +11,13 @@ subclassing (``Config``, the trainers, the dataset class) and reaches past its p
    defaults (``_load_internal_config_dict``), so ``run_recbole(model="SASRecREVEAL")`` needs no
    extra keys; negative sampling follows the loss type (:func:`sampling_for_loss`).
 3. :func:`load_checkpoint`: the one checkpoint-loading policy. RecBole's trainer loads its own
-   checkpoints with ``torch.load``, whose ``weights_only`` default (torch >= 2.6) refuses them; its
-   module sees a torch whose ``load`` is this function (no process-wide rebinding of ``torch.load``).
+   checkpoints with ``torch.load``, whose ``weights_only`` default (torch >= 2.6) refuses them, and
+   with ``map_location=<the GPU>``; its module sees a torch whose ``load`` is this function, to the
+   CPU (no process-wide rebinding of ``torch.load``).
 4. :func:`without_ddp_wrapper`: RecBole's ``Trainer.__init__`` wraps the model for DDP with
-   ``device_ids=[rank]``, which only CUDA modules accept; on CPU our trainer builds the wrapper itself.
+   ``device_ids=[rank]``, which only CUDA modules accept, re-broadcasting every buffer at each step;
+   our trainer builds the wrapper itself. :func:`as_single_process`: a saved DDP run's config reopened
+   as one process.
 5. :func:`count_flops`: RecBole's FLOPs count runs ``predict`` on a sample, which some models
    assert against (SASRecCPR, GRU4RecCPR); a failure is logged, never fatal.
 6. :func:`numpy_str_alias`: RecBole's ``HyperTuning.plot_hyper`` uses ``np.str`` (gone in numpy 1.24).
@@ -152,13 +155,36 @@ def load_checkpoint(path, map_location=None):
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
+def other_parameter_on(other_parameter: dict | None, device) -> dict | None:
+    """A checkpoint's ``other_parameter`` with its tensors on ``device``.
+
+    Checkpoints load to the CPU (``load_state_dict`` then copies each tensor onto the model's
+    device; loading onto the GPU would hold a second copy of every table until it ends), but
+    ``load_other_parameter`` sets these attributes as given, so they must be on the model's device.
+    """
+    if other_parameter is None:
+        return None
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in other_parameter.items()}
+
+
+def load_checkpoint_for(path, device):
+    """A RecBole checkpoint for a model on ``device``: tensors on the CPU, ``other_parameter`` on ``device``."""
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    if isinstance(checkpoint, dict) and checkpoint.get("other_parameter") is not None:
+        checkpoint["other_parameter"] = other_parameter_on(checkpoint["other_parameter"], device)
+    return checkpoint
+
+
 class _TorchWithCheckpointLoader(types.ModuleType):
-    """``torch`` as RecBole's trainer module sees it: every attribute torch's, ``load`` ours."""
+    """``torch`` as RecBole's trainer module sees it: every attribute torch's, ``load`` ours (to the CPU)."""
 
     def __getattr__(self, name):
         return getattr(torch, name)
 
-    load = staticmethod(load_checkpoint)
+    @staticmethod
+    def load(path, map_location=None):
+        """RecBole passes ``map_location=self.device``: the checkpoint goes to the CPU instead."""
+        return load_checkpoint_for(path, map_location or "cpu")
 
 
 def route_recbole_checkpoint_loads() -> None:
@@ -168,15 +194,21 @@ def route_recbole_checkpoint_loads() -> None:
         module.torch = _TorchWithCheckpointLoader("torch")
 
 
-# ----------------------------------------------------------------------------- 4. DDP on CPU
+# ----------------------------------------------------------------------------- 4. DDP wrapper
 @contextlib.contextmanager
 def without_ddp_wrapper(config) -> Iterator[None]:
-    """Hide DDP from RecBole's trainer constructor, which would build the CUDA-only wrapper."""
+    """Hide DDP from RecBole's trainer constructor, which would build its own wrapper (see ``trainer.base``)."""
     config["single_spec"] = True
     try:
         yield
     finally:
         config["single_spec"] = False
+
+
+def as_single_process(config) -> None:
+    """Give ``config`` (saved by a DDP rank) RecBole's single-process keys, so no process group is expected."""
+    config["single_spec"] = True
+    config["local_rank"] = 0
 
 
 # ----------------------------------------------------------------------------- 5. FLOPs

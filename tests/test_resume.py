@@ -14,7 +14,7 @@ import torch
 
 from reveal_recbole.errors import UserInputError
 from reveal_recbole.quick_start import run_reveal
-from reveal_recbole.trainer.resume import resume_point_file
+from reveal_recbole.trainer.resume import restore_rng_states, resume_point_file, rng_states
 
 from test_avl import build
 
@@ -59,6 +59,63 @@ def test_resumed_training_equals_uninterrupted(settings, model):
     assert sorted(resumed.train_loss_dict.items()) == sorted(trainer.train_loss_dict.items())
     for key, value in net.state_dict().items():
         torch.testing.assert_close(resumed_net.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def as_saved_on_cuda_host(resume_file) -> None:
+    """Rewrite a resume point as a 2-GPU host saves it: one 16-byte Philox state per visible GPU."""
+    state = torch.load(resume_file, weights_only=False)
+    state["rng"]["cuda"] = [torch.arange(16, dtype=torch.uint8) + device for device in range(2)]
+    torch.save(state, resume_file)
+
+
+@pytest.mark.slow
+def test_resume_point_of_a_cuda_host_resumes_exactly_on_a_cpu_only_host(settings, monkeypatch):
+    """Before: loaded with ``map_location=<trainer device>``, the RNG states left the CPU and torch refused them.
+
+    A trainer device other than the CPU is emulated with ``meta`` (no GPU here); the saved CUDA
+    streams have no device on this host and are skipped.
+    """
+    _, _, trainer, train_data, valid_data, _ = build(settings)
+    expected = trainer.fit(train_data, valid_data)
+    _, _, crashed, train_data, valid_data, _ = build(settings)
+    with pytest.raises(Crash):
+        crashed.fit(train_data, valid_data, callback_fn=crash_after(1))
+    as_saved_on_cuda_host(crashed.resume_file)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _, _, resumed, train_data, valid_data, _ = build(settings, model_seed=7)
+    resumed.device = torch.device("meta")
+    resumed.resume_checkpoint(crashed.resume_file)
+    resumed.device = torch.device("cpu")
+    assert resumed._pending_rng["torch"].device.type == "cpu"
+    assert resumed.fit(train_data, valid_data) == expected
+
+
+def test_cuda_rng_states_are_restored_for_the_gpus_this_host_has(monkeypatch):
+    """A resume point from a 2-GPU host, on a 1-GPU host: the first stream restored, through the CPU."""
+    states = rng_states()
+    states["cuda"] = [torch.arange(16, dtype=torch.uint8) + device for device in range(2)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    restore_rng_states(states)
+    assert len(restored) == 1 and torch.equal(restored[0], states["cuda"][0]) and restored[0].device.type == "cpu"
+
+
+def test_recbole_loads_checkpoints_to_the_cpu(tmp_path):
+    """RecBole's evaluate(load_best_model=True) and resume_checkpoint pass ``map_location=self.device``.
+
+    Loaded there, a GPU would hold a second copy of every table until ``load_state_dict`` ends:
+    the tensors stay on the CPU, only ``other_parameter`` (set as is on the model) goes to the device.
+    """
+    import recbole.trainer.trainer as recbole_trainer
+
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"state_dict": {"table": torch.ones(3, 2)}, "other_parameter": {"cache": torch.zeros(2), "n": 1}}, path)
+    checkpoint = recbole_trainer.torch.load(path, map_location=torch.device("meta"))
+    assert checkpoint["state_dict"]["table"].device.type == "cpu"
+    assert checkpoint["other_parameter"]["cache"].device.type == "meta" and checkpoint["other_parameter"]["n"] == 1
 
 
 def test_resume_file_of_another_model_is_refused(settings):

@@ -15,7 +15,8 @@ differs from the uninterrupted one. :class:`ResumePointsMixin` adds to a RecBole
   ``save_resume_points: False`` skips them (each is a full model + optimiser save per epoch).
 
 Single-process runs resume exactly. Under DDP only rank 0 saves, and every rank restores rank
-0's RNG streams: the run resumes correctly but not bit-for-bit.
+0's RNG streams: the run resumes correctly but not bit-for-bit. Resume points load to the CPU
+(torch takes RNG states only there), so one saved on a GPU host resumes on any host.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch
 from reveal_recbole.atomic import atomic_target
 from reveal_recbole.distributed import is_main_process
 from reveal_recbole.errors import UserInputError
-from reveal_recbole.recbole_seam import load_checkpoint
+from reveal_recbole.recbole_seam import load_checkpoint_for
 
 RESUME_FORMAT = "reveal-recbole-resume/1"
 
@@ -52,14 +53,20 @@ def rng_states(train_data=None) -> dict:
 
 
 def restore_rng_states(states: dict, train_data=None) -> None:
+    """Restore ``states`` on this host, whichever host saved them.
+
+    torch takes RNG states only as CPU tensors, so each goes through ``.cpu()``. CUDA streams are
+    restored for the GPUs this process sees: none on a CPU-only host (the run draws from no CUDA
+    stream there), the first ``device_count()`` where the saving host had more.
+    """
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
+    torch.set_rng_state(states["torch"].cpu())
     if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"][: torch.cuda.device_count()]])
     generator = getattr(train_data, "generator", None)
     if generator is not None and "train_loader" in states:
-        generator.set_state(states["train_loader"])
+        generator.set_state(states["train_loader"].cpu())
 
 
 class ResumePointsMixin:
@@ -105,7 +112,7 @@ class ResumePointsMixin:
         resume_file = str(resume_file)
         if not os.path.isfile(resume_file):
             raise UserInputError(f"cannot resume: no checkpoint file {resume_file}")
-        checkpoint = load_checkpoint(resume_file, map_location=self.device)
+        checkpoint = load_checkpoint_for(resume_file, self.device)  # to the CPU: RNG states must stay there
         if not isinstance(checkpoint, dict) or checkpoint.get("format") != RESUME_FORMAT:
             return super().resume_checkpoint(resume_file)
         if checkpoint["model"].lower() != self.config["model"].lower():
