@@ -7,6 +7,7 @@ each rank's AVL state after training; everything else is the real ``run``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -15,7 +16,11 @@ import pytest
 import torch
 
 from reveal_recbole import quick_start
+from reveal_recbole.pipeline import load_run
+from reveal_recbole.recbole_seam import load_checkpoint
 from reveal_recbole.trainer import REVEALTrainer
+
+from test_avl import build
 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0, "feature_dropout": 0.0}
 # One tiny epoch from the same initial weights (DDP broadcasts rank 0's, which uses the
@@ -83,3 +88,28 @@ def test_two_processes_match_one_and_share_avl_state(tiny_config, tmp_path, monk
     assert avl_csv.is_file()
     steps = avl_csv.read_text().strip().splitlines()[1:]
     assert len(steps) == int(rank0["avl_running_losses"][2])  # rank 0 alone writes one row per step
+
+
+# what a DDP rank on GPU 1 of a 2-GPU host saves (RecBole's _init_device and run's keys)
+DDP_GPU_RUN = {"single_spec": False, "local_rank": 1, "world_size": 2, "nproc": 2, "offset": 0,
+               "device": torch.device("cuda", 1), "gpu_id": "0,1", "use_gpu": True}
+
+
+def test_a_ddp_gpu_checkpoint_reopens_as_one_process_on_a_cpu_only_host(tiny_config, monkeypatch, caplog):
+    """Before: ``load_run`` kept the saved DDP/GPU keys, so RecBole's loaders asked for a process group."""
+    _, _, trainer, train_data, valid_data, test_data = build(tiny_config)
+    trainer.fit(train_data, valid_data)
+    expected = trainer.evaluate(test_data, load_best_model=True)
+    checkpoint = load_checkpoint(trainer.saved_model_file, map_location="cpu")
+    for key, value in DDP_GPU_RUN.items():
+        checkpoint["config"][key] = value
+    torch.save(checkpoint, trainer.saved_model_file)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.INFO):
+        run = load_run(trainer.saved_model_file)
+    assert (run.config["single_spec"], run.config["local_rank"], run.config["device"]) == (True, 0, torch.device("cpu"))
+    assert (run.config["use_gpu"], run.config["gpu_id"]) == (False, "")
+    assert not hasattr(run.trainer, "distributed_model")
+    assert "device device(type='cuda', index=1) -> device(type='cpu')" in caplog.text
+    assert run.trainer.evaluate(run.test_data, load_best_model=False) == expected
