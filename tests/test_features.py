@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from reveal_recbole import Config
 from reveal_recbole.data import (
@@ -199,7 +200,14 @@ def test_dataset_aligns_shuffled_superset_features_by_token(tiny_config, tiny_da
     assert not features.present[0]
     for item_id in range(1, dataset.item_num):
         assert features.present[item_id]
-        assert torch.equal(features.values[item_id], torch.from_numpy(values[row_of[id2token[item_id]]]))
+        row = torch.from_numpy(values[row_of[id2token[item_id]]])
+        torch.testing.assert_close(features.values[item_id], F.normalize(row, dim=0))  # feature_norm: l2 at load
+    assert features.unit_norm
+    raw = create_dataset(dataset_config(tiny_config, strict_feature_items=False, feature_norm="none"))
+    raw_features = raw.item_features["image"]
+    assert not raw_features.unit_norm
+    for item_id in range(1, raw.item_num):
+        assert torch.equal(raw_features.values[item_id], torch.from_numpy(values[row_of[id2token[item_id]]]))
     text = dataset.item_features["text"]
     assert bool(text.present[1:].all())
 

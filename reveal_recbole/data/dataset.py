@@ -148,6 +148,7 @@ class MultimodalSequentialDataset(SequentialDataset):
             self.field2token_id[self.iid_field],
             self.item_num,
             strict=config["strict_feature_items"],
+            normalise=config["feature_norm"] == "l2",  # once, here: frozen encoder tables then share these rows
         )
 
     def _download(self):

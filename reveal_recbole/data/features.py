@@ -17,11 +17,14 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from reveal_recbole.atomic import atomic_write_bytes, atomic_write_text
 from reveal_recbole.errors import FeatureFileError
 
 logger = logging.getLogger(__name__)
+
+LOAD_CHUNK_ROWS = 65536  # feature rows read, checked and normalised at a time
 
 
 @dataclass
@@ -31,6 +34,7 @@ class ItemFeatures:
     values: torch.Tensor  # (n_items, dim) float32, zeros where ``present`` is False
     present: torch.Tensor  # (n_items,) bool
     source: str
+    unit_norm: bool = False  # rows already L2-normalised at load (``feature_norm: l2``): the encoder shares them
 
     @property
     def dim(self) -> int:
@@ -94,8 +98,14 @@ def align_item_features(
     n_items: int,
     source: str,
     strict: bool = True,
+    normalise: bool = False,
 ) -> ItemFeatures:
-    """Place each row at its item's internal id; items without a row are marked missing."""
+    """Place each row at its item's internal id; items without a row are marked missing.
+
+    Rows are copied from the (memory-mapped) array a chunk at a time straight into the one
+    ``(n_items, dim)`` table, and L2-normalised there with ``normalise``: loading holds one copy of
+    the features, not the two or three a gather, a cast and a normalisation would each make.
+    """
     rows, ids, unknown = [], [], []
     for row, token in enumerate(tokens):
         item_id = token_to_id.get(token)
@@ -113,17 +123,56 @@ def align_item_features(
         )
     if unknown:
         logger.warning("%s: ignored %d rows whose item tokens are not in the dataset", source, len(unknown))
-    selected = np.asarray(array[np.asarray(rows)], dtype=np.float32)
-    finite = np.isfinite(selected).all(axis=1)
-    if not finite.all():
-        bad = [tokens[rows[i]] for i in np.flatnonzero(~finite)[:5]]
-        raise FeatureFileError(f"{source}: NaN or inf values in the rows of items {bad}")
     values = torch.zeros(n_items, array.shape[1], dtype=torch.float32)
     present = torch.zeros(n_items, dtype=torch.bool)
-    index = torch.as_tensor(ids, dtype=torch.long)
-    values[index] = torch.from_numpy(selected)
-    present[index] = True
-    return ItemFeatures(values=values, present=present, source=source)
+    rows, ids = np.asarray(rows), torch.as_tensor(ids, dtype=torch.long)
+    order = np.argsort(rows, kind="stable")  # read the file front to back
+    for chunk in np.array_split(order, max(1, -(-len(order) // LOAD_CHUNK_ROWS))):
+        selected = torch.from_numpy(np.asarray(array[rows[chunk]], dtype=np.float32))
+        finite = torch.isfinite(selected).all(dim=1)
+        if not bool(finite.all()):
+            bad = [tokens[rows[chunk][i]] for i in torch.nonzero(~finite).squeeze(1)[:5].tolist()]
+            raise FeatureFileError(f"{source}: NaN or inf values in the rows of items {bad}")
+        if normalise:
+            selected = F.normalize(selected, dim=1)
+        values[ids[chunk]] = selected
+    present[ids] = True
+    return ItemFeatures(values=values, present=present, source=source, unit_norm=normalise)
+
+
+def principal_directions(
+    values: torch.Tensor, present: torch.Tensor, width: int, max_rows: int = 65536, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and the ``width`` leading principal directions ``(dim, width)`` of the present rows.
+
+    Fitted on a seeded sample of at most ``max_rows`` rows: at a million items the directions of
+    65,536 rows are the catalogue's up to sampling noise, for the cost of one ``dim x dim`` covariance.
+    """
+    rows = torch.nonzero(present).squeeze(1)
+    if len(rows) > max_rows:
+        generator = torch.Generator().manual_seed(seed)
+        rows = rows[torch.randperm(len(rows), generator=generator)[:max_rows]].sort().values
+    sample = values[rows].double()
+    mean = sample.mean(0)
+    centred = sample - mean
+    _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+    directions = vectors[:, -width:].flip(1)
+    signs = torch.sign(directions[directions.abs().argmax(0), torch.arange(directions.shape[1])])
+    return mean.float(), (directions * signs).float()  # signs fixed: the same rows give the same table
+
+
+def reduce_features(values: torch.Tensor, present: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows projected on their ``width`` leading principal components (centred); rows without a feature stay zero.
+
+    The offline half of a cheap training step: the encoder's per-step projection of every item then
+    costs ``items x width x hidden`` instead of ``items x dim x hidden`` (``feature_width``).
+    """
+    mean, directions = principal_directions(values, present, width)
+    reduced = torch.empty(values.shape[0], directions.shape[1], dtype=torch.float32)
+    for start in range(0, values.shape[0], LOAD_CHUNK_ROWS):
+        stop = start + LOAD_CHUNK_ROWS
+        reduced[start:stop] = (values[start:stop] - mean) @ directions
+    return reduced.mul_(present.unsqueeze(1))
 
 
 def load_item_features(
@@ -133,13 +182,14 @@ def load_item_features(
     token_to_id: Mapping[str, int],
     n_items: int,
     strict: bool = True,
+    normalise: bool = False,
 ) -> dict[str, ItemFeatures]:
-    """Load and align every requested modality; log how many items lack a feature."""
+    """Load and align every requested modality (L2-normalised rows with ``normalise``); log items without one."""
     features = {}
     for modality in modalities:
         npy_path, items_path = feature_paths(feature_dir, dataset, modality)
         tokens, array = read_feature_file(npy_path, items_path)
-        aligned = align_item_features(tokens, array, token_to_id, n_items, str(npy_path), strict)
+        aligned = align_item_features(tokens, array, token_to_id, n_items, str(npy_path), strict, normalise)
         missing = int((~aligned.present[1:]).sum())  # id 0 is RecBole's padding item
         logger.info(
             "%s features: %d-d from %s, %d of %d items without a feature",

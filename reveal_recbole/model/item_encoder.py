@@ -31,14 +31,16 @@ authors mask (YutongLi2024/REVEAL, REVEAL/AVL/M3SRec.py, ``avl_apply_mask`` appl
 from __future__ import annotations
 
 import contextlib
+import hashlib
+from logging import getLogger
 from typing import Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reveal_recbole.data.features import ItemFeatures
-from reveal_recbole.errors import ConfigError
+from reveal_recbole.data.features import ItemFeatures, reduce_features
+from reveal_recbole.errors import ConfigError, FeatureFileError
 
 FUSIONS = ("sum", "concat", "gated", "moe")
 MISSING_FEATURE_MODES = ("zero", "learned")
@@ -49,11 +51,12 @@ COLD_ITEMS = ("auto", "neighbour", "features", "train")
 # encoder keys newer than some saved checkpoints: a saved config without them gets these
 SETTING_DEFAULTS = {
     "score_with": "fused", "id_dropout": 0.0, "moe_shared_experts": 2, "moe_specific_experts": 4, "moe_low_rank": 4,
+    "feature_width": None,
 }
 
 
 def encoder_settings(config, modalities) -> dict:
-    """The encoder's ``score_with``, ``id_dropout`` and ``moe_*`` keyword arguments from a config.
+    """The encoder's ``score_with``, ``id_dropout``, ``moe_*`` and ``feature_width`` keyword arguments from a config.
 
     ``score_with: id`` is refused unless ``loss_type`` is CE: with BPR a backbone looks its
     candidates up through ``item_embedding(ids)``, the call that also embeds the input sequence,
@@ -132,6 +135,80 @@ class MixtureOfExperts(nn.Module):
         return torch.stack(parts).sum(0) + task_out
 
 
+DIGEST_SUFFIX = "_digest"
+
+
+def table_digest(table: torch.Tensor) -> torch.Tensor:
+    """A 16-byte content digest (uint8 tensor) of a feature table: shape, dtype and every value, a block at a time."""
+    digest = hashlib.blake2b(f"{tuple(table.shape)} {table.dtype}".encode(), digest_size=16)
+    for block in table.detach().split(65536):
+        digest.update(block.contiguous().cpu().numpy().tobytes())
+    return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
+
+
+class FeatureTables(nn.Module):
+    """Each modality's feature rows: parameters when fine-tuned, otherwise frozen data that checkpoints leave out.
+
+    Frozen rows are rebuilt from the feature files with the model, so a checkpoint keeps only their
+    digest (``<name>_digest``, checked when it is loaded: a model is never silently paired with other
+    features) and is as small as the backbone's plus the projections; storing the rows cost 6.7 GB per
+    checkpoint, resume point and FVE round at 1M items x 1,664-d. Frozen rows may share the dataset's memory.
+    """
+
+    def __init__(self, trainable: bool):
+        super().__init__()
+        self.trainable = trainable
+        self.names: list[str] = []
+        self._digests: dict[str, tuple[tuple, torch.Tensor]] = {}
+
+    def add(self, name: str, values: torch.Tensor) -> None:
+        if self.trainable:
+            self.register_parameter(name, nn.Parameter(values))
+        else:
+            self.register_buffer(name, values, persistent=False)
+        self.names.append(name)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return getattr(self, name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def digest(self, name: str) -> torch.Tensor:
+        """The frozen table's digest, computed once per table content (cached by storage and version)."""
+        table = self[name]
+        key = (table.data_ptr(), table._version, tuple(table.shape))
+        if name not in self._digests or self._digests[name][0] != key:
+            self._digests[name] = (key, table_digest(table))
+        return self._digests[name][1]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self.trainable:
+            for name in self.names:
+                destination[prefix + name + DIGEST_SUFFIX] = self.digest(name).clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Check a saved digest (or frozen rows, stored by checkpoints before digests) against the rows built now."""
+        if not self.trainable:
+            for name in self.names:
+                saved = state_dict.pop(prefix + name + DIGEST_SUFFIX, None)
+                rows = state_dict.pop(prefix + name, None)
+                saved = table_digest(rows) if saved is None and rows is not None else saved
+                if saved is not None and not torch.equal(saved.cpu(), self.digest(name)):
+                    raise FeatureFileError(
+                        f"the checkpoint's model was trained with other {name} features than the feature files give "
+                        "now: frozen feature rows are read from the feature files, not stored in checkpoints; "
+                        "restore the files it was trained with (feature_dir) or retrain"
+                    )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
 class REVEALItemEncoder(nn.Module):
     """Fuses an ID embedding with projected per-modality item features.
 
@@ -143,7 +220,8 @@ class REVEALItemEncoder(nn.Module):
         fusion: ``sum`` (ID + modalities), ``concat`` (linear map of the concatenation),
             ``gated`` (softmax weights over the parts, scored per item by each part's own head) or
             ``moe`` (the authors' mixture of experts, :class:`MixtureOfExperts`).
-        feature_trainable: fine-tune the feature tables (as the REVEAL authors do) or freeze them.
+        feature_trainable: fine-tune the feature tables (as the REVEAL authors do) or freeze them
+            (:class:`FeatureTables`: frozen rows are not stored in checkpoints).
         feature_dropout: dropout on each projected modality embedding.
         missing_feature: ``zero`` input or a ``learned`` vector for items without a feature.
         feature_norm: ``l2`` normalises each feature row at load time; ``none`` keeps it as is.
@@ -161,6 +239,10 @@ class REVEALItemEncoder(nn.Module):
             features-only embeddings).
         cold_item_neighbours: ``neighbour``: how many nearest warm items lend to a cold one.
         moe_shared_experts, moe_specific_experts, moe_low_rank: the ``moe`` fusion's sizes.
+        feature_width: project each modality's (normalised) rows once, at build time, on their
+            leading principal components (:func:`~reveal_recbole.data.features.reduce_features`), so
+            the table every training step rebuilds costs ``items x feature_width x hidden`` instead
+            of ``items x dim x hidden``; ``None`` keeps the full width.
     """
 
     def __init__(
@@ -180,6 +262,7 @@ class REVEALItemEncoder(nn.Module):
         moe_shared_experts: int = 2,
         moe_specific_experts: int = 4,
         moe_low_rank: int = 4,
+        feature_width: int | None = None,
     ):
         super().__init__()
         if fusion not in FUSIONS:
@@ -219,6 +302,9 @@ class REVEALItemEncoder(nn.Module):
                            ("moe_low_rank", moe_low_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
+        if feature_width is not None and (isinstance(feature_width, bool) or not isinstance(feature_width, int)
+                                          or feature_width < 1):
+            raise ConfigError(f"feature_width must be an integer >= 1 or ~ (full width), got {feature_width!r}")
         self.id_embedding = id_embedding
         self.num_embeddings = id_embedding.num_embeddings
         self.embedding_dim = id_embedding.embedding_dim
@@ -236,18 +322,24 @@ class REVEALItemEncoder(nn.Module):
         self.cold_item_neighbours = cold_item_neighbours
         self.register_buffer("cold_rows", cold_rows, persistent=False)
         self.register_buffer("warm_rows", None if cold_rows is None else training_counts > 0, persistent=False)
-        self.feature_tables = nn.ParameterDict()
+        self.feature_tables = FeatureTables(feature_trainable)
         self.projections = nn.ModuleDict()
         self.missing_vectors = nn.ParameterDict()
         for modality, features in item_features.items():
             values, present = self._fit_rows(features)
-            if feature_norm == "l2":
-                values = F.normalize(values, dim=1) * present.unsqueeze(1)
-            self.feature_tables[modality] = nn.Parameter(values, requires_grad=feature_trainable)
+            if feature_norm == "l2" and not features.unit_norm:
+                values = F.normalize(values, dim=1).mul_(present.unsqueeze(1))
+            if feature_width is not None and feature_width < values.shape[1]:
+                getLogger().info(f"{modality} features: {values.shape[1]}-d rows reduced to their {feature_width} "
+                                 "leading principal components (feature_width)")
+                values = reduce_features(values, present, feature_width)
+            if feature_trainable and values is features.values:  # trained rows must not write into the dataset's
+                values = values.clone()
+            self.feature_tables.add(modality, values)
             self.register_buffer(f"present_{modality}", present)
-            self.projections[modality] = nn.Linear(features.dim, self.embedding_dim)
+            self.projections[modality] = nn.Linear(values.shape[1], self.embedding_dim)
             if missing_feature == "learned":
-                self.missing_vectors[modality] = nn.Parameter(torch.zeros(features.dim))
+                self.missing_vectors[modality] = nn.Parameter(torch.zeros(values.shape[1]))
             if cold_rows is not None and feature_trainable:  # the loaded rows: cold items keep theirs
                 self.register_buffer(f"loaded_{modality}", values.clone(), persistent=False)
         self.dropout = nn.Dropout(feature_dropout)
@@ -266,7 +358,9 @@ class REVEALItemEncoder(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, _: module.clear_cache())
 
     def _fit_rows(self, features: ItemFeatures) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pad (or cut) feature rows to the ID table's size; extra rows have no feature."""
+        """Pad (or cut) feature rows to the ID table's size; extra rows have no feature. No copy when they fit."""
+        if features.values.shape[0] == self.num_embeddings:
+            return features.values, features.present
         values = torch.zeros(self.num_embeddings, features.dim)
         present = torch.zeros(self.num_embeddings, dtype=torch.bool)
         rows = min(self.num_embeddings, features.values.shape[0])
@@ -410,7 +504,7 @@ class REVEALItemEncoder(nn.Module):
         return table
 
     def _cache_key(self) -> tuple:
-        versions = tuple(p._version for p in self.parameters())
+        versions = tuple(p._version for p in (*self.parameters(), *self.feature_tables.buffers()))
         return (versions, self.masked_modalities, self.training, torch.is_grad_enabled())
 
     def table(self) -> torch.Tensor:
