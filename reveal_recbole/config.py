@@ -104,7 +104,11 @@ class Config(RecBoleConfig):
             self.final_config_dict["data_path"] = os.path.expanduser(self.final_config_dict["data_path"])
 
     def _init_device(self):
-        """RecBole's device set-up; a multi-process run without GPUs joins a gloo group (NCCL needs CUDA)."""
+        """RecBole's device set-up; a multi-process run without GPUs joins a gloo group (NCCL needs CUDA).
+
+        ``uses_cuda`` sets ``CUDA_VISIBLE_DEVICES`` from ``gpu_id`` before it asks torch about CUDA:
+        asked first, CUDA would keep every GPU visible and rank r would run on physical GPU r.
+        """
         if "local_rank" in self.final_config_dict and not uses_cuda(self.final_config_dict):
             init_cpu_process_group(self.final_config_dict)
         else:

@@ -4,7 +4,8 @@ RecBole's ``run`` spawns one process per rank and its ``Config._init_device`` jo
 process group, but only for CUDA: it asserts one ``gpu_id`` per process, hard-codes the NCCL
 backend (absent from CPU builds of torch) and moves each rank to ``cuda:<rank>``. Our ``Config``
 calls ``init_cpu_process_group`` instead when no GPU is used, so the same ``run`` works on CPU
-with gloo; on GPUs RecBole's NCCL set-up runs unchanged. Each CPU rank gets its share of the
+with gloo; on GPUs RecBole's NCCL set-up runs unchanged, after ``CUDA_VISIBLE_DEVICES`` is set
+from ``gpu_id`` (:func:`set_visible_gpus`: CUDA must not be queried before). Each CPU rank gets its share of the
 cores for torch's intra-op threads (unless ``OMP_NUM_THREADS`` says otherwise): with every rank
 on all cores, a 2-process epoch on 2 cores took 10x longer than with one thread each. The trainer
 side (DDP wrapper without device ids on CPU, one checkpoint name per run) lives in
@@ -19,11 +20,23 @@ import torch
 import torch.distributed as dist
 
 
-def uses_cuda(config: MutableMapping[str, Any]) -> bool:
-    """RecBole's device rule: CUDA when a ``gpu_id`` is given and CUDA is available."""
+def set_visible_gpus(config: MutableMapping[str, Any]) -> str:
+    """Set ``CUDA_VISIBLE_DEVICES`` to ``gpu_id`` as RecBole's ``_init_device`` does, and return it.
+
+    CUDA reads the variable once, when torch first queries it (``torch.cuda.is_available()``
+    included). Set after such a query, it changes nothing: every GPU stays visible and RecBole's
+    ``cuda:<local_rank>`` is physical GPU <local_rank>, whatever ``gpu_id`` says. Set before, rank r
+    runs on the r-th GPU of ``gpu_id``.
+    """
     gpu_id = config["gpu_id"]
     gpu_id = ",".join(map(str, gpu_id)) if isinstance(gpu_id, (tuple, list)) else str(gpu_id)
-    return len(gpu_id) > 0 and torch.cuda.is_available()
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
+    return gpu_id
+
+
+def uses_cuda(config: MutableMapping[str, Any]) -> bool:
+    """RecBole's device rule: CUDA when a ``gpu_id`` is given and CUDA is available (asked after the GPUs are set)."""
+    return len(set_visible_gpus(config)) > 0 and torch.cuda.is_available()
 
 
 def init_cpu_process_group(config: MutableMapping[str, Any]) -> None:

@@ -1,4 +1,5 @@
 """Config: RecBole's backbone yaml, then our overall/reveal_base/model/dataset yaml, then user overrides."""
+import os
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,32 @@ def test_eval_batch_size_is_sized_to_the_catalogue_unless_given(tiny_config, cap
 
     given = Config(model="SASRec", dataset="scientific", config_dict=keys | {"eval_batch_size": 300})
     assert prepare_data(given)[2].step == given["eval_batch_size"] == 300
+
+
+DDP_RANK_1 = {"local_rank": 1, "nproc": 2, "world_size": 2, "offset": 0, "ip": "localhost", "port": "1"}
+
+
+@pytest.mark.parametrize("processes, device", [({}, torch.device("cuda")), (DDP_RANK_1, torch.device("cuda", 1))])
+def test_gpu_id_is_made_visible_before_cuda_is_first_asked(monkeypatch, processes, device):
+    """Before: a DDP rank asked ``torch.cuda.is_available()`` before RecBole set ``CUDA_VISIBLE_DEVICES``.
+
+    CUDA reads the variable when first asked, so every GPU stayed visible and rank 1 ran on
+    physical GPU 1. Here every CUDA query sees ``gpu_id`` already, and rank 1's ``cuda:1`` is the
+    second GPU of ``gpu_id``: physical GPU 3.
+    """
+    import torch.distributed as dist
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # restored after the test (RecBole sets it)
+    visible_when_asked, current = [], []
+
+    def cuda_is_available() -> bool:  # a GPU host's answer, noting which GPUs CUDA would see
+        visible_when_asked.append(os.environ["CUDA_VISIBLE_DEVICES"])
+        return True
+
+    monkeypatch.setattr(torch.cuda, "is_available", cuda_is_available)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: None)  # RecBole's NCCL group
+    config = Config(model="SASRec", dataset="scientific", config_dict={"gpu_id": "2,3"} | processes)
+    assert visible_when_asked and set(visible_when_asked) == {"2,3"}
+    assert config["device"] == device
+    assert current == ([1] if processes else [])
