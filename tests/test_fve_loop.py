@@ -147,14 +147,46 @@ def spies(monkeypatch):
     return seen
 
 
+@pytest.fixture
+def io_spies(monkeypatch):
+    """The checkpoints the loop loads (round folder, map_location) and the image files read for cache keys."""
+    from reveal_recbole.data import feature_cache
+
+    seen = {"loads": [], "reads": []}
+    load, read = loop.load_checkpoint, feature_cache.read_image_file
+
+    def spy_load(path, map_location=None):
+        seen["loads"].append((Path(path).parent.name, map_location))
+        return load(path, map_location=map_location)
+
+    def spy_read(path):
+        seen["reads"].append(Path(path).stem)
+        return read(path)
+
+    monkeypatch.setattr(loop, "load_checkpoint", spy_load)
+    monkeypatch.setattr(feature_cache, "read_image_file", spy_read)
+    return seen
+
+
+def parked_state(run: FVERun) -> tuple[str, set[str], bool]:
+    """The parked kept model's round folder, the devices of its tensors, and whether it holds a cached table."""
+    model_file, model = run.parked
+    devices = {tensor.device.type for tensor in model.state_dict().values()}
+    return model_file.parent.name, devices, any(getattr(m, "_table_cache", None) is not None for m in model.modules())
+
+
 def history(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / loop.HISTORY_FILE).read_text(encoding="utf-8").splitlines()]
 
 
-def test_two_rounds_keep_discard_history_cache_and_reuse(fve_config, tmp_path, forced_scores, spies):
-    encoder, output = StandInEncoder(), tmp_path / "fve"
+def test_two_rounds_keep_discard_history_cache_and_reuse(fve_config, tmp_path, forced_scores, spies, io_spies):
+    encoder, output, after_round = StandInEncoder(), tmp_path / "fve", []
+
+    def on_round(run, state, features):
+        after_round.append((len(io_spies["reads"]), parked_state(run) if state.round else None))
+
     result = run_fve("SASRecREVEAL", DATASET, rounds=2, config_dict=fve_config, encoder=encoder,
-                     critic=OfflineCritic(), output_dir=output)
+                     critic=OfflineCritic(), output_dir=output, on_round=on_round)
     rounds = result["rounds"]
     assert [(r["round"], r["trained"], r["kept"]) for r in rounds] == [
         (0, True, True), (1, True, True), (2, True, False)
@@ -191,10 +223,23 @@ def test_two_rounds_keep_discard_history_cache_and_reuse(fve_config, tmp_path, f
         assert all(r["kept"] == (index == 1 and r["changed"]) for r in proposed)
         assert all(r["old_prompt"] != r["new_prompt"] for r in proposed if r["changed"])
 
-    # only changed prompts of items with an image were encoded again
+    # only changed prompts of items with an image were encoded again, and only their images read
     with_image = set(tokens[NO_IMAGE:])
     changed = sum(1 for r in rows if r["round"] > 0 and r["changed"] and r["item"] in with_image)
     assert encoder.encoded == len(with_image) + changed
+    reads = io_spies["reads"]
+    assert sorted(reads[:after_round[0][0]]) == sorted(with_image)  # round 0: every image, once
+    for index in (1, 2):
+        read = reads[after_round[index - 1][0]:after_round[index][0]]
+        assert sorted(read) == sorted(r["item"] for r in rows if r["round"] == index and r["changed"]
+                                      and r["item"] in with_image)
+    assert all(rounds[index]["images_per_second"] > 0 for index in (0, 1, 2))
+
+    # checkpoints are read to the CPU; the kept model is loaded once per kept round and waits on the CPU
+    # (in eval mode, without its cached item table) while the next round trains
+    assert io_spies["loads"] == [("round-000", "cpu"), ("round-001", "cpu"), ("round-001", "cpu"),
+                                 ("round-002", "cpu")]  # round 2's feedback: round 1's model; no load for the test
+    assert [parked for _, parked in after_round[1:]] == [("round-000", {"cpu"}, False), ("round-001", {"cpu"}, False)]
 
     # the kept prompts and features, in the dataset feature format, reload through a plain run
     state = json.loads((output / loop.STATE_FILE).read_text(encoding="utf-8"))

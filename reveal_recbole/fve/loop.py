@@ -318,7 +318,7 @@ class FVERun:
         self.critic_image = bool(config["fve_critic_image"])
         self._told_text_only = False
         self._region_attention: RegionAttention | None = None
-        self._kept: tuple[Path, torch.nn.Module] | None = None  # see kept_model
+        self.parked: tuple[Path, torch.nn.Module] | None = None  # the kept model and its file, on the CPU (kept_model)
 
     @staticmethod
     def _build_dataset(config) -> MultimodalSequentialDataset:
@@ -482,10 +482,10 @@ class FVERun:
         next has the device to itself and a discarded round reloads nothing. Parking puts it in
         eval mode, which also drops its cached item table (a device tensor).
         """
-        if self._kept is None or self._kept[0] != model_file:
-            self._kept = None  # the previous kept model goes before the next one loads
-            self._kept = (model_file, self.load_model(features, model_file))
-        model = self._kept[1].to(self.config["device"])
+        if self.parked is None or self.parked[0] != model_file:
+            self.parked = None  # the previous kept model goes before the next one loads
+            self.parked = (model_file, self.load_model(features, model_file))
+        model = self.parked[1].to(self.config["device"])
         try:
             yield model
         finally:
