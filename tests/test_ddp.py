@@ -40,7 +40,7 @@ def free_port() -> int:
 
 
 def _rank_worker(rank: int, *args) -> None:
-    """``run_reveals`` with each rank's final AVL state and weights saved beside the checkpoints."""
+    """``run_reveals`` with each rank's final AVL state, weights and DDP buffer setting saved beside the checkpoints."""
     torch.set_num_threads(1)  # two ranks on two shared cores
     out_dir = Path(args[-1]["config_dict"]["checkpoint_dir"])
     fit = REVEALTrainer.fit
@@ -51,6 +51,7 @@ def _rank_worker(rank: int, *args) -> None:
             "avl_running_losses": self.model.avl_running_losses.clone(),
             "k_v": self.avl.k_v.clone(),
             "weights": torch.cat([p.detach().flatten() for p in self.model.parameters()]),
+            "syncs_buffers_each_step": self.distributed_model.will_sync_module_buffers(),
         }
         torch.save(state, out_dir / f"avl-rank{rank}.pt")
         return result
@@ -79,6 +80,8 @@ def test_two_processes_match_one_and_share_avl_state(tiny_config, tmp_path, monk
         assert ddp["test_result"][metric] == pytest.approx(single["test_result"][metric], abs=METRIC_TOLERANCE), metric
     rank0, rank1 = (torch.load(ddp_dir / f"avl-rank{r}.pt") for r in (0, 1))
     assert int(rank0["avl_running_losses"][2]) > 0, "AVL never updated its running means"
+    # feature tables are not re-broadcast at every step; AVL's running means agree without it
+    assert not rank0["syncs_buffers_each_step"] and not rank1["syncs_buffers_each_step"]
     assert torch.equal(rank0["avl_running_losses"], rank1["avl_running_losses"])
     assert torch.equal(rank0["k_v"], rank1["k_v"])
     assert torch.allclose(rank0["weights"], rank1["weights"], rtol=0, atol=1e-6)  # gradients were averaged

@@ -3,10 +3,15 @@
 Two named mixins, composed once in :class:`TrainerExtensions` and placed before a RecBole trainer:
 :class:`RunSupportMixin` (below) and :class:`~reveal_recbole.trainer.resume.ResumePointsMixin`.
 
-- DDP on CPU: RecBole wraps the model in ``DistributedDataParallel(model, device_ids=[rank])``,
-  which only CUDA modules accept; on CPU the wrapper is built without device ids (gloo then
-  averages the gradients). ``self.model`` stays the unwrapped model, as in RecBole, so tensor
-  hooks on its parameters (AVL) scale each rank's gradients before DDP averages them.
+- DDP: RecBole wraps the model in ``DistributedDataParallel(model, device_ids=[rank])``, which
+  only CUDA modules accept, and which re-broadcasts every buffer from rank 0 at each step (RecBole
+  calls the wrapper's forward every step): the loaded feature tables and FeatureKNN's item table,
+  GBs at 1M items. Here the wrapper is built by :func:`data_parallel`, without device ids on CPU
+  (gloo then averages the gradients), and with buffers synced once, at construction: they are
+  constant data, and AVL's running means (``avl_running_losses``) follow from losses averaged
+  across ranks, so every rank computes the same values. ``self.model`` stays the unwrapped model,
+  as in RecBole, so tensor hooks on its parameters (AVL) scale each rank's gradients before DDP
+  averages them.
 - One checkpoint per DDP run: every rank names the checkpoint from its own clock, only rank 0
   saves it, and every rank reloads it for the test. All ranks take rank 0's name, and wait for
   its save before reloading.
@@ -23,7 +28,8 @@ Two named mixins, composed once in :class:`TrainerExtensions` and placed before 
   processes) would overwrite each other's best model and test the wrong one. Each trainer claims
   its name (an empty file created exclusively; ``-2``, ``-3``... when taken), removed again if no
   checkpoint was ever written into it.
-- Checkpoints load under torch >= 2.6 (``recbole_seam.load_checkpoint``, the one loading policy).
+- Checkpoints load under torch >= 2.6, and to the CPU (``recbole_seam.load_checkpoint_for``, the
+  one loading policy, which RecBole's ``evaluate(load_best_model=True)`` goes through too).
 - Resume points after every epoch, and atomic checkpoints (``trainer/resume.py``).
 """
 from __future__ import annotations
@@ -35,6 +41,7 @@ import time
 import weakref
 from typing import Mapping
 
+import torch
 import torch.distributed as dist
 from recbole.trainer import Trainer
 from recbole.utils import get_local_time
@@ -83,6 +90,22 @@ def _remove_if_empty(path: str) -> None:
             os.remove(path)
 
 
+def data_parallel(model, config) -> tuple[torch.nn.Module, DistributedDataParallel]:
+    """(model, its DDP wrapper) as RecBole builds them, but buffers are not re-broadcast at every step.
+
+    On CUDA: RecBole's SyncBatchNorm conversion and one device per rank; on CPU: no device ids.
+    Buffers are broadcast from rank 0 once, at construction (``broadcast_buffers`` set afterwards:
+    passed to the constructor it would skip that too, and torch >= 2.13 deprecates the argument).
+    """
+    device_ids = None
+    if config["device"].type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        device_ids = [config["local_rank"]]
+    wrapper = DistributedDataParallel(model, device_ids=device_ids)
+    wrapper.broadcast_buffers = False
+    return model, wrapper
+
+
 class _NoTensorboard:
     """Stands in for the SummaryWriter on ranks > 0: every call is a no-op."""
 
@@ -91,16 +114,15 @@ class _NoTensorboard:
 
 
 class RunSupportMixin:
-    """CPU DDP, one checkpoint per DDP run, race-free checkpoint folder and full tensorboard scalars."""
+    """DDP on CPU and GPU, one checkpoint per DDP run, race-free checkpoint folder and full tensorboard scalars."""
 
     def __init__(self, config, model):
         # RecBole's ensure_dir checks, then creates: DDP ranks racing there fail with FileExistsError
         os.makedirs(config["checkpoint_dir"], exist_ok=True)
-        cpu_ddp = is_distributed(config) and config["device"].type == "cpu"
-        with without_ddp_wrapper(config) if cpu_ddp else contextlib.nullcontext():
+        with without_ddp_wrapper(config) if is_distributed(config) else contextlib.nullcontext():
             super().__init__(config, model)
-        if cpu_ddp:
-            self.distributed_model = DistributedDataParallel(self.model)
+        if is_distributed(config):
+            self.model, self.distributed_model = data_parallel(self.model, config)
         if is_main_process(config):
             self.saved_model_file = claim_checkpoint_name(self.saved_model_file)
             weakref.finalize(self, _remove_if_empty, self.saved_model_file)
