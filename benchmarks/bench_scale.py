@@ -45,6 +45,8 @@ COMMON = {
 VARIANTS = {  # label -> (model, config overrides, trained?)
     "SASRec": ("SASRec", {}, True),
     "SASRecREVEAL": ("SASRecREVEAL", {}, True),
+    "SASRecREVEAL feature_width=64": ("SASRecREVEAL", {"feature_width": 64}, True),
+    "SASRecREVEAL feature_width=32": ("SASRecREVEAL", {"feature_width": 32}, True),
     "SASRecREVEAL fusion=moe": ("SASRecREVEAL", {"fusion": "moe"}, True),
     "SASRecREVEAL avl": ("SASRecREVEAL", {"avl": True}, True),
     "FeatureKNN": ("FeatureKNN", {}, False),
