@@ -1,4 +1,5 @@
-"""FVE step 2: prompt-conditioned encoders (tiny random CLIP and Qwen2.5-VL) and cached extraction."""
+"""FVE step 2: prompt-conditioned encoders (tiny random CLIP and Qwen2.5-VL), their batches and dtypes, and
+cached extraction that reads only the images of cache misses."""
 import io
 
 import numpy as np
@@ -13,9 +14,11 @@ from reveal_recbole.fve.extract import (
     ImageEncoder,
     ItemImage,
     VLMPromptEncoder,
+    dtype_tag,
     extract_item_features,
     mean_over_image_tokens,
     missing_image_vector,
+    resolve_extract_dtype,
     text_guided_pooling,
 )
 
@@ -423,3 +426,76 @@ def test_a_round_reads_only_the_images_of_changed_prompts(tmp_path, image_reads)
     assert image_reads == ["4.png"] and encoder.calls[-1] == ["prompt 4"]  # its old feature is not reused
     expected = extract_item_features([changed[4]], CountingEncoder(), None, show_progress=False)[0]
     assert np.array_equal(rehashed[4], expected) and not np.array_equal(rehashed[4], second[4])
+
+
+# ---- batches and dtypes ---------------------------------------------------------------------
+
+def sized_items():
+    """Images of three sizes (different image-token counts for the VLM) under prompts of different lengths."""
+    sizes = [(32, 32), (20, 28), (32, 16), (28, 20), (32, 32)]
+    return [ItemImage(f"I{i}", PROMPTS[i % 2] * (1 + i % 3), png_bytes(i, size)) for i, size in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("backend", ["clip", "vlm"])
+def test_batched_extraction_equals_one_image_at_a_time(backend, tiny_clip, tiny_qwen):
+    if backend == "clip":
+        encoder = CLIPPromptEncoder(*tiny_clip, name="tiny-clip")
+    else:
+        encoder = VLMPromptEncoder(*tiny_qwen, name="tiny-qwen")
+    items = sized_items()
+    one_by_one = extract_item_features(items, encoder, None, batch_size=1, show_progress=False)
+    batched = extract_item_features(items, encoder, None, batch_size=4, show_progress=False)
+    assert batched.dtype == np.float32 and np.abs(batched - one_by_one).max() < 1e-5
+
+
+def test_extract_dtype_resolution(monkeypatch):
+    assert resolve_extract_dtype("auto", "cpu") == resolve_extract_dtype(None, "cpu") == torch.float32
+    for supported, expected in [(True, torch.bfloat16), (False, torch.float16)]:
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, answer=supported, **kwargs: answer)
+        assert resolve_extract_dtype("auto", torch.device("cuda:1")) == expected
+        assert resolve_extract_dtype("auto", "cuda") == expected
+    assert resolve_extract_dtype("float32", "cuda") == torch.float32  # a setting other than auto is taken as is
+    assert resolve_extract_dtype("bfloat16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="fve_extract_dtype must be one of"):
+        resolve_extract_dtype("fp8", "cpu")
+    assert dtype_tag(torch.float32) == "" and dtype_tag(torch.float16) == "+float16"
+
+
+def close_to(features, reference, cosine):
+    return features.dtype == np.float32 and (np.sum(features * reference, axis=1) > cosine).all()
+
+
+def test_half_precision_encoders_return_float32_features_close_to_float32_ones(tiny_clip, tiny_qwen):
+    """bfloat16 on the CPU runs the same code as on a GPU: autocast for CLIP, bfloat16 weights for the VLM."""
+    import copy
+
+    images, prompts = [image(0), image(1, (20, 28))], PROMPTS
+    clip = CLIPPromptEncoder(*tiny_clip, name="tiny-clip", dtype=torch.bfloat16)
+    assert clip.name == "clip-text-guided-patches-v1:tiny-clip+bfloat16"  # not the float32 entries in the cache
+    reference = CLIPPromptEncoder(*tiny_clip, name="tiny-clip").encode(images, prompts)
+    assert close_to(clip.encode(images, prompts), reference, 0.999)
+
+    model, processor = tiny_qwen
+    vlm = VLMPromptEncoder(copy.deepcopy(model).to(torch.bfloat16), processor, name="tiny-qwen")
+    assert vlm.name == "vlm-mean-image-tokens-v1:tiny-qwen+bfloat16"
+    reference = VLMPromptEncoder(model, processor, name="tiny-qwen").encode(images, prompts)
+    assert close_to(vlm.encode(images, prompts), reference, 0.999)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_encoders_on_cuda_in_the_auto_dtype(tiny_clip, tiny_qwen):
+    import copy
+
+    dtype = resolve_extract_dtype("auto", "cuda")
+    assert dtype in (torch.bfloat16, torch.float16)
+    images, prompts = [image(0), image(1, (20, 28))], PROMPTS
+    clip_model, processor, tokenizer = tiny_clip
+    clip = CLIPPromptEncoder(copy.deepcopy(clip_model), processor, tokenizer, name="c", device="cuda", dtype=dtype)
+    reference = CLIPPromptEncoder(clip_model, processor, tokenizer, name="c").encode(images, prompts)
+    assert close_to(clip.encode(images, prompts), reference, 0.995)
+
+    model, qwen_processor = tiny_qwen
+    vlm = VLMPromptEncoder(copy.deepcopy(model).to("cuda", dtype), qwen_processor, name="q")
+    reference = VLMPromptEncoder(model, qwen_processor, name="q").encode(images, prompts)
+    assert close_to(vlm.encode(images, prompts), reference, 0.995)

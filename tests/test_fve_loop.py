@@ -441,6 +441,8 @@ def test_backend_factories_fail_with_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("REVEAL_TEST_NO_SUCH_KEY", raising=False)
     with pytest.raises(FVEError, match="fve_encoder must be one of"):
         build_encoder({**base, "fve_encoder": "resnet"})
+    with pytest.raises(FVEError, match="fve_extract_dtype must be one of"):
+        build_encoder({**base, "fve_encoder": "clip", "fve_extract_dtype": "fp8"})
     with pytest.raises(FVEError, match="could not load the clip encoder"):
         build_encoder({**base, "fve_encoder": "clip", "fve_encoder_name": str(tmp_path)})  # empty local folder
     assert isinstance(build_critic({**base, "fve_critic": "offline"}), OfflineCritic)
