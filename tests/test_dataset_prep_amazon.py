@@ -5,6 +5,9 @@ import gzip
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -378,3 +381,109 @@ def test_5_core_of_the_full_sports_reviews_reproduces_the_s3rec_file(tmp_path):
     assert result["kcore_rounds"] >= 4 and result["duplicates_dropped"] == 10
     all_pairs = {(u, i) for u, seq in sequences.items() for i in seq}
     check_against(sequences, all_pairs, read_inter(tmp_path / "out" / "sports.inter"))
+
+
+# ----------------------------------------------------------------------------- bounded memory
+def test_metadata_of_items_outside_the_k_core_is_never_parsed_and_only_written_fields_are_kept(tmp_path, monkeypatch):
+    """The metadata pass runs after the k-core: a record of an item nobody reviewed (B0OTHER999) or of an
+    item the k-core dropped (B0NOISE001) is not even parsed, and a kept item keeps its written fields only."""
+    reviews, meta = make_2014(tmp_path)
+    lines = gzip.open(meta, "rt").read().splitlines() + [repr({"asin": "B0NOISE001", "title": "dropped"})]
+    write_lines(meta, lines)
+    parsed_meta, stored = [], {}
+    parse = convert_amazon.parse_record
+    read_meta = convert_amazon.read_meta
+
+    def spy_parse(line):
+        if "reviewerID" not in line:
+            parsed_meta.append(line)
+        return parse(line)
+
+    def spy_read_meta(path, wanted, keep):
+        records, bad = read_meta(path, wanted, keep)
+        stored.update(records)
+        return records, bad
+
+    monkeypatch.setattr(convert_amazon, "parse_record", spy_parse)
+    monkeypatch.setattr(convert_amazon, "read_meta", spy_read_meta)
+    result = convert_amazon.convert(reviews, tmp_path / "out", "sp", meta=meta, keywords=3, min_df=1)
+    assert result["items"] == 7 and len(parsed_meta) == 7  # items 0-5 and item 6's refused line
+    assert not any("B0OTHER999" in line or "B0NOISE001" in line for line in parsed_meta)
+    assert sorted(stored) == [f"B00ITEM00{i}" for i in range(6)]
+    assert all(isinstance(record, convert_amazon.ItemMeta) for record in stored.values())
+    assert stored["B00ITEM000"].image_urls == ("http://ecx.images-amazon.com/images/I/0abc._SY300_.jpg",)
+
+
+def reference_keywords(documents, top_k, min_df, max_df):
+    """The documented TF-IDF keywords, computed plainly from per-item word sets."""
+    reviews, rf = defaultdict(int), defaultdict(lambda: defaultdict(int))
+    for item, text in documents:
+        reviews[item] += 1
+        for word in set(convert_amazon.WORD_PATTERN.findall(text.lower())) - convert_amazon.STOP_WORDS:
+            rf[item][word] += 1
+    df = defaultdict(int)
+    for words in rf.values():
+        for word in words:
+            df[word] += 1
+    n = len(reviews)
+    chosen = {}
+    for item, words in rf.items():
+        scored = [
+            (-(1 + np.log(count)) * (np.log((1 + n) / (1 + df[word])) + 1), word) for word, count in words.items()
+            if min_df <= df[word] <= max_df * n and count >= min(2, reviews[item])
+        ]
+        if scored:
+            chosen[f"I{item}"] = [word for _, word in sorted(scored)[:top_k]]
+    return chosen
+
+
+def test_review_word_counts_store_each_distinct_pair_once_and_give_the_documented_keywords():
+    rng = random.Random(3)
+    vocabulary = [f"{a}{b}{c}" for a in "kpt" for b in "aeiou" for c in "lmnrs"]
+    documents = [(item, " ".join(rng.choices(vocabulary[: 5 + 5 * item], k=rng.randint(0, 12))))
+                 for item in range(12) for _ in range(rng.randint(1, 30))]
+    documents += [(0, "Zygote zygote, the zygote.")] * 500  # one item's word, repeated in 500 reviews
+    counts = convert_amazon.ReviewWordCounts(n_items=12, buffer_size=16)  # merged many times over
+    for item, text in documents:
+        counts.add(item, text)
+    keywords = counts.keywords([f"I{i}" for i in range(12)], top_k=4, min_df=1, max_df=0.9)
+
+    distinct = {(item, word) for item, text in documents for word in convert_amazon.WORD_PATTERN.findall(text.lower())
+                if word not in convert_amazon.STOP_WORDS}
+    assert len(counts.keys) == len(distinct)  # not one entry per (review, word): 500 zygote reviews, one pair
+    zygote = (0 << 32) | counts.vocabulary["zygote"]
+    assert counts.counts[np.searchsorted(counts.keys, zygote)] == 500
+    assert keywords == reference_keywords(documents, 4, 1, 0.9) and keywords["I0"][0] == "zygote"
+
+
+def test_a_failed_conversion_leaves_the_earlier_outputs_and_no_new_file(tmp_path, monkeypatch):
+    reviews, meta = make_2014(tmp_path)
+    out = tmp_path / "out"
+    convert_amazon.convert(reviews, out, "sp", meta=meta, keywords=3, min_df=1)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+
+    def broken_metadata(record, max_description_chars):  # .inter and .reviews are staged by then
+        raise OSError("disk full")
+
+    monkeypatch.setattr(convert_amazon.ItemMeta, "from_record", broken_metadata)
+    with pytest.raises(OSError, match="disk full"):
+        convert_amazon.convert(reviews, out, "sp", meta=meta, keywords=0, reviews_from="all")
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # no mix, no temporary file left
+    assert sorted(before) == ["sp.images.tsv", "sp.inter", "sp.item", "sp.reviews"]
+
+
+@pytest.mark.slow  # a fresh interpreter importing the package: 3-12 s
+def test_a_killed_conversion_leaves_no_finished_looking_output(tmp_path):
+    """SIGKILL in the metadata pass, after .inter and .reviews were written: only hidden temporary files remain."""
+    reviews, meta = make_2014(tmp_path)
+    out = tmp_path / "out"
+    script = (
+        "import os, signal, sys; from pathlib import Path; from dataset_prep import convert_amazon\n"
+        "convert_amazon.read_meta = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "convert_amazon.convert(Path(sys.argv[1]), Path(sys.argv[2]), 'sp', meta=Path(sys.argv[3]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(reviews), str(out), str(meta)], cwd=ROOT,
+                          capture_output=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    left = sorted(path.name for path in out.iterdir())
+    assert left and all(name.startswith(".") and name.endswith(".tmp") for name in left), left
