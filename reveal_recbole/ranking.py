@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from logging import getLogger
 
+import numpy as np
 import torch
 from recbole.utils import ModelType
 
@@ -24,15 +25,24 @@ SCORE_BYTES = 4  # RecBole's full-sort scores are float32
 
 
 def _check_comparable(scores: torch.Tensor) -> None:
-    if torch.isnan(scores).any():
+    if scores.numel() and torch.isnan(scores.max()):  # max propagates NaN: one reduction, no temporary
         raise ValueError("scores contain NaN; ranking needs comparable scores")
+
+
+def _count_true(mask: torch.Tensor) -> torch.Tensor:
+    """True entries per row. On the CPU numpy counts (torch's bool sum widens every entry to int64,
+    several times slower); elsewhere torch sums on the device."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.count_nonzero(mask.numpy(), axis=1))
+    return mask.sum(1)
 
 
 def target_ranks(scores: torch.Tensor, rows: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """1-based rank of ``items[j]`` in row ``rows[j]``: items scoring higher, plus equal ones of lower id, plus 1.
 
     ``rows`` may repeat a row (several positives per user, RecBole's ``positive_u``). The result
-    lies on the scores' device; the work is ``(len(rows), n_items)`` comparisons and sums.
+    lies on the scores' device; the work is two ``(len(rows), n_items)`` comparisons and counts,
+    and a third only for the rows where another item ties with the target.
     """
     _check_comparable(scores)
     rows = rows.to(device=scores.device, dtype=torch.long)
@@ -40,9 +50,12 @@ def target_ranks(scores: torch.Tensor, rows: torch.Tensor, items: torch.Tensor) 
     one_per_row = torch.equal(rows, torch.arange(len(scores), device=scores.device))
     row_scores = scores if one_per_row else scores.index_select(0, rows)
     target = scores[rows, items].unsqueeze(1)
-    lower_id = torch.arange(scores.shape[1], device=scores.device) < items.unsqueeze(1)
-    higher = (row_scores > target).sum(1)
-    return 1 + higher + ((row_scores == target) & lower_id).sum(1)
+    ranks = 1 + _count_true(row_scores > target).to(scores.device)
+    tied = (_count_true(row_scores == target) > 1).nonzero().squeeze(1)  # the target equals itself
+    if len(tied):
+        lower_id = torch.arange(scores.shape[1], device=scores.device) < items[tied].unsqueeze(1)
+        ranks[tied] += _count_true((row_scores[tied] == target[tied]) & lower_id).to(scores.device)
+    return ranks
 
 
 def top_k_items(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -56,12 +69,12 @@ def top_k_items(scores: torch.Tensor, k: int) -> torch.Tensor:
     k = min(k, scores.shape[1])
     values, items = torch.topk(scores, k, dim=1)
     cut = values[:, -1:]
-    ties_left_out = (scores == cut).sum(1) > (values == cut).sum(1)
+    ties_left_out = _count_true(scores == cut).to(scores.device) > (values == cut).sum(1)
     if ties_left_out.any():
         rows = ties_left_out.nonzero().squeeze(1)
         row_scores, row_cut = scores[rows], cut[rows]
         above, tied = row_scores > row_cut, row_scores == row_cut
-        room = k - above.sum(1, keepdim=True)
+        room = k - _count_true(above).to(scores.device).unsqueeze(1)
         kept = above | (tied & (tied.cumsum(1) <= room))
         items[rows] = kept.nonzero()[:, 1].view(-1, k)  # k per row, in id order
     items = items.sort(dim=1).values
