@@ -307,6 +307,7 @@ def main() -> None:
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from the command line: keep ours out of it
     if args.probe:
         print(json.dumps(probe_load(args.root, args.name, args.probe, args.device)))
         return
