@@ -112,3 +112,22 @@ def test_feature_cache_keeps_image_digests_beside_its_entries(tmp_path, file_rea
     (tmp_path / "cache" / DIGESTS_FILE).write_text("{not json")  # unreadable: ignored, every file hashed again
     assert FeatureCache(tmp_path / "cache").digests.digest(image) == (image_digest(b"pixels"), b"pixels")
     assert file_reads == ["a.png", "a.png"]
+
+
+def test_entries_are_renamed_into_place_without_a_sync_each(tmp_path, monkeypatch):
+    """A sync per entry cost more than most encoders take per image; a failed write leaves nothing behind."""
+    syncs = []
+    monkeypatch.setattr(os, "fsync", lambda fd: syncs.append(fd))
+    cache = FeatureCache(tmp_path)
+    syncs.clear()  # the format file is written (and synced) once, when the cache is made
+    for i in range(3):
+        cache.put(FeatureCache.key(str(i), "p", "e"), np.ones(2))
+    assert syncs == [] and len(list((tmp_path / "entries").rglob("*.npy"))) == 3
+
+    def full_disk(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        cache.put(FeatureCache.key("x", "p", "e"), np.ones(2))
+    assert len(list((tmp_path / "entries").rglob("*.npy"))) == 3 and not list(tmp_path.rglob("*.tmp"))
