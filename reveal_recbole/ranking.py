@@ -3,14 +3,14 @@ evaluation batch that keeps a ``(users, n_items)`` score matrix within a memory 
 
 Ranking convention (ties too): items are ordered by score, highest first, equal scores by the
 lower item id first; ranks are 1-based. RecBole's Recall@K and NDCG@K read positions off
-``torch.topk`` (``recbole.evaluator.collector``), which leaves the order of equal scores
-unspecified (CPU and CUDA kernels differ); its only tie-aware rank, ``_average_rank`` (GAUC),
-averages tied positions. Lower id first is the deterministic choice that agrees with RecBole
-wherever its order is defined; trained float scores rarely tie, except the ``-inf`` of masked
-items, which rank after every scored item under any rule.
+``torch.topk`` (``recbole.evaluator.collector``), whose order among equal scores torch leaves
+unspecified; its only tie-aware rank, ``_average_rank`` (GAUC), averages tied positions. Lower
+id first is the deterministic choice that agrees with RecBole wherever its order is defined;
+trained float scores rarely tie, except the ``-inf`` of masked items, which rank after every
+scored item under any rule.
 
-Ranks are one comparison pass over the batch (no sort), lists one ``torch.topk``: only B-length
-ranks and ``(B, K)`` lists leave the device, never the score matrix. The buckets
+Ranks are two comparison-and-count passes over the batch (no sort), lists one ``torch.topk``:
+only B-length ranks and ``(B, K)`` lists leave the device, never the score matrix. The buckets
 (``target_buckets``) and FVE's ranking feedback (``fve.feedback``) both rank with these.
 """
 from __future__ import annotations
