@@ -42,17 +42,24 @@ def test_top_k_items_keep_the_lowest_ids_tied_at_the_cut():
     assert top_k_items(scores, 4).tolist() == [[3, 1, 2, 4], [3, 7, 0, 1], [1, 2, 3, 4]]
 
 
-@pytest.mark.parametrize("n_items, k", [(40, 10), (300, 50), (7, 20)])
-def test_ranks_and_lists_match_a_sort_by_hand_with_ties_and_masked_items(n_items, k):
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("n_items, k", [(40, 10), (300, 50), (7, 20), (5000, 50)])
+def test_ranks_and_lists_match_a_sort_by_hand_with_ties_and_masked_items(n_items, k, device):
     generator = torch.Generator().manual_seed(n_items)
     scores = torch.randint(0, 5, (9, n_items), generator=generator).float()  # few values: many ties
     scores[torch.rand(9, n_items, generator=generator) < 0.3] = -INF
     scores[:, 0] = -INF
+    scores[8] = 1.0  # one row of equal scores: the list is ids 0..k-1 whatever order topk returns
     rows = torch.tensor([0, 1, 1, 2, 3, 4, 5, 5, 5, 6, 7, 8])  # several targets in some rows
     items = torch.randint(0, n_items, (len(rows),), generator=generator)
     expected_ranks = [hand_order(scores[r].tolist()).index(i) + 1 for r, i in zip(rows.tolist(), items.tolist())]
-    assert target_ranks(scores, rows, items).tolist() == expected_ranks
-    assert top_k_items(scores, k).tolist() == [hand_order(row)[:k] for row in scores.tolist()]
+    on_device = scores.to(device)
+    assert target_ranks(on_device, rows, items).tolist() == expected_ranks
+    assert top_k_items(on_device, k).tolist() == [hand_order(row)[:k] for row in scores.tolist()]
 
 
 def test_nan_scores_are_refused():
