@@ -390,69 +390,79 @@ def kept_review_texts(path: Path, kept_lines: np.ndarray, line_items: np.ndarray
                 position += 1
 
 
+WORD_BITS = 32  # a pair's key: item << WORD_BITS | word
+
+
 class ReviewWordCounts:
     """The review frequency rf(w, i) of every (item, word) pair, stored once per distinct pair.
 
-    Each review's distinct words go into a bounded buffer of ``item << 32 | word`` keys that is
-    merged, when full, into the sorted distinct keys and their counts: memory grows with the
-    distinct pairs (12 bytes each), not with the (review, word) pairs, which repeat an item's
-    common words in every one of its reviews.
+    Each review's distinct words go into a bounded buffer of pair keys that is merged, when
+    full, into sorted distinct keys and their counts: memory grows with the distinct pairs
+    (12 bytes each), not with the (review, word) pairs, which repeat an item's common words in
+    every one of its reviews. The pairs are split into ``parts`` blocks of items, so that a merge
+    or the scoring copies one block at a time, never all the pairs.
     """
 
-    def __init__(self, n_items: int, buffer_size: int = 1 << 22):
+    def __init__(self, n_items: int, buffer_size: int = 1 << 20, parts: int = 64):
         self.vocabulary: dict[str, int] = {}
         self.reviews = np.zeros(n_items, dtype=np.int64)
-        self.keys = np.zeros(0, dtype=np.int64)
-        self.counts = np.zeros(0, dtype=np.int32)
+        self.items_per_part = max(1, -(-n_items // parts))
+        self.keys = [np.zeros(0, dtype=np.int64) for _ in range(parts)]
+        self.counts = [np.zeros(0, dtype=np.int32) for _ in range(parts)]
         self.buffer = array("q")
         self.buffer_size = buffer_size
 
     def add(self, item: int, text: str) -> None:
         words = {w for w in WORD_PATTERN.findall(text.lower()) if w not in STOP_WORDS}
         self.reviews[item] += 1
-        high = item << 32
+        high = item << WORD_BITS
         self.buffer.extend(high | self.vocabulary.setdefault(word, len(self.vocabulary)) for word in words)
         if len(self.buffer) >= self.buffer_size:
             self.merge()
 
     def merge(self) -> None:
-        """Fold the buffer into the distinct keys (a linear insert, no re-sort of what is stored)."""
+        """Fold the buffer into each block's distinct keys (a linear insert, no re-sort of what is stored)."""
         new, new_counts = np.unique(np.frombuffer(self.buffer, dtype=np.int64), return_counts=True)
         self.buffer = array("q")
-        at = np.searchsorted(self.keys, new)
-        found = at < len(self.keys)
-        found[found] = self.keys[at[found]] == new[found]
-        self.counts[at[found]] += new_counts[found].astype(np.int32)
-        self.keys = np.insert(self.keys, at[~found], new[~found])
-        self.counts = np.insert(self.counts, at[~found], new_counts[~found].astype(np.int32))
+        block_starts = (np.arange(1, len(self.keys)) * self.items_per_part) << WORD_BITS
+        splits = np.searchsorted(new, block_starts)
+        for part, (added, added_counts) in enumerate(zip(np.split(new, splits), np.split(new_counts, splits))):
+            keys, counts = self.keys[part], self.counts[part]
+            at = np.searchsorted(keys, added)
+            found = at < len(keys)
+            found[found] = keys[at[found]] == added[found]
+            counts[at[found]] += added_counts[found].astype(np.int32)
+            self.keys[part] = np.insert(keys, at[~found], added[~found])
+            self.counts[part] = np.insert(counts, at[~found], added_counts[~found].astype(np.int32))
 
     def keywords(
         self, item_tokens: list[str], top_k: int, min_df: int = 2, max_df: float = 0.5
     ) -> dict[str, list[str]]:
         """Top TF-IDF words of each item's reviews (the method is in the module docstring)."""
         self.merge()
-        if not len(self.keys):
-            return {}
-        pair_item, pair_word = self.keys >> 32, self.keys & 0xFFFFFFFF
         words_by_id = list(self.vocabulary)
-        df = np.bincount(pair_word, minlength=len(words_by_id))
+        word_mask = (1 << WORD_BITS) - 1
+        df = np.zeros(len(words_by_id), dtype=np.int64)
+        for keys in self.keys:
+            df += np.bincount(keys & word_mask, minlength=len(words_by_id))
         n_docs = int(np.count_nonzero(self.reviews))
         idf = np.log((1 + n_docs) / (1 + df)) + 1.0
-        rf = self.counts
-        ok = (df[pair_word] >= min_df) & (df[pair_word] <= max_df * n_docs) & (
-            rf >= np.minimum(2, self.reviews[pair_item])
-        )
-        pair_item, pair_word, score = pair_item[ok], pair_word[ok], (1.0 + np.log(rf[ok])) * idf[pair_word[ok]]
         alphabetical = np.empty(len(words_by_id), dtype=np.int64)
         alphabetical[sorted(range(len(words_by_id)), key=words_by_id.__getitem__)] = np.arange(len(words_by_id))
-        # by item, then score descending, then word ascending; the first top_k of each item
-        order = np.lexsort((alphabetical[pair_word], -score, pair_item))
-        sorted_items = pair_item[order]
-        starts = np.flatnonzero(np.r_[True, sorted_items[1:] != sorted_items[:-1]])
-        rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
         keywords: dict[str, list[str]] = {}
-        for item, word in zip(sorted_items[rank < top_k].tolist(), pair_word[order[rank < top_k]].tolist()):
-            keywords.setdefault(item_tokens[item], []).append(words_by_id[word])
+        for keys, rf in zip(self.keys, self.counts):  # a block holds all pairs of its items
+            pair_item, pair_word = keys >> WORD_BITS, keys & word_mask
+            ok = (df[pair_word] >= min_df) & (df[pair_word] <= max_df * n_docs) & (
+                rf >= np.minimum(2, self.reviews[pair_item])
+            )
+            pair_item, pair_word, score = pair_item[ok], pair_word[ok], (1.0 + np.log(rf[ok])) * idf[pair_word[ok]]
+            # by item, then score descending, then word ascending; the first top_k of each item
+            order = np.lexsort((alphabetical[pair_word], -score, pair_item))
+            sorted_items = pair_item[order]
+            starts = np.flatnonzero(np.r_[True, sorted_items[1:] != sorted_items[:-1]])
+            rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+            for item, word in zip(sorted_items[rank < top_k].tolist(), pair_word[order[rank < top_k]].tolist()):
+                keywords.setdefault(item_tokens[item], []).append(words_by_id[word])
         return keywords
 
 
