@@ -22,6 +22,8 @@ subclassing (``Config``, the trainers, the dataset class) and reaches past its p
    assert against (SASRecCPR, GRU4RecCPR); a failure is logged, never fatal.
 6. :func:`numpy_str_alias`: RecBole's ``HyperTuning.plot_hyper`` uses ``np.str`` (gone in numpy 1.24).
 7. :func:`quiet_third_party_warnings`: deprecation noise from RecBole's pandas and torch.amp calls.
+8. :func:`undo_recbole_anomaly_detection`: importing RecBole's models (``sine.py``) switches autograd
+   anomaly detection on for the whole process.
 
 Our trainer mixins also override these RecBole ``Trainer`` methods, checked at import by
 :func:`check_recbole`: ``fit``, ``evaluate``, ``resume_checkpoint``, ``_train_epoch``,
@@ -250,5 +252,19 @@ def quiet_third_party_warnings() -> None:
     logging.getLogger("numexpr").setLevel(logging.WARNING)
 
 
+# ----------------------------------------------------------------------------- 8. a debugging switch left on
+def undo_recbole_anomaly_detection() -> None:
+    """Switch off the autograd anomaly detection that RecBole 1.2.1's ``sine.py`` turns on when imported.
+
+    RecBole imports every model, so every run (baselines included) paid for it: each backward checks
+    every gradient for NaN (17 full passes over the item tables per REVEAL step, 16 % of a step at
+    100k items) and each forward op records a Python traceback. ``torch.autograd.set_detect_anomaly(True)``
+    after importing reveal_recbole turns it back on for debugging; a NaN loss still stops RecBole's trainer.
+    """
+    importlib.import_module("recbole.model.sequential_recommender")  # sine.py runs its switch now, not later
+    torch.autograd.set_detect_anomaly(False)
+
+
 check_recbole()  # at import: every module that reaches into RecBole imports this one first
 route_recbole_checkpoint_loads()
+undo_recbole_anomaly_detection()

@@ -1,4 +1,7 @@
 """RecBole's own entry points run REVEAL models after ``import reveal_recbole``, with no extra keys."""
+import subprocess
+import sys
+
 import pytest
 import yaml
 from recbole.config import Config as RecBoleConfig
@@ -69,3 +72,14 @@ def test_bpr_baseline_runs_through_run_reveal(tiny_config):
     """SASRecREVEAL with BPR: tests/test_end_to_end.py."""
     result = run_reveal("SASRec", "scientific", config_dict={**tiny_config, "loss_type": "BPR"})
     assert_report_metrics(result["test_result"])
+
+
+def test_importing_the_package_switches_off_recboles_anomaly_detection():
+    """RecBole's sine.py turns autograd anomaly detection on at import: every backward then scans every gradient."""
+    def anomaly_after(imports: str) -> str:
+        code = f"import torch, {imports}; print(torch.is_anomaly_enabled())"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        return done.stdout.strip().splitlines()[-1]
+
+    assert anomaly_after("recbole.model.sequential_recommender") == "True"  # RecBole alone
+    assert anomaly_after("reveal_recbole, recbole.quick_start, recbole.model.sequential_recommender.sine") == "False"
