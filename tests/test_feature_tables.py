@@ -9,7 +9,7 @@ from reveal_recbole.config import Config
 from reveal_recbole.data.features import align_item_features, principal_directions, reduce_features
 from reveal_recbole.errors import ConfigError, FeatureFileError
 from reveal_recbole.model import REVEALItemEncoder
-from reveal_recbole.model.item_encoder import DIGEST_SUFFIX
+from reveal_recbole.model.item_encoder import DIGEST_SUFFIX, FeatureDropout
 from reveal_recbole.pipeline import build_model, load_run, prepare_data, prepare_run
 
 from conftest import random_features
@@ -147,3 +147,17 @@ def test_feature_width_sets_the_table_and_projection_width():
     for bad in (0, -1, 2.5, True, "64"):
         with pytest.raises(ConfigError, match="feature_width"):
             REVEALItemEncoder(nn.Embedding(12, 8, padding_idx=0), features, feature_width=bad)
+
+
+def test_feature_dropout_drops_a_share_p_and_rescales_the_rest():
+    x = torch.full((400, 500), 2.0, requires_grad=True)
+    dropout = FeatureDropout(0.1).train()
+    y = dropout(x)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - 0.1) < 0.005  # 200,000 draws: the share dropped is p
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 2.0 / 0.9))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.9)  # the gradient passes the same mask and scale
+    assert torch.equal(dropout.eval()(x), x)
+    assert torch.equal(FeatureDropout(0.0).train()(x), x)
+    assert torch.count_nonzero(FeatureDropout(1.0).train()(x)) == 0

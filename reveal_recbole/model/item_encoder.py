@@ -102,6 +102,21 @@ def _mix(experts: nn.ModuleList, router: nn.Sequential, expert_input: torch.Tens
     return weighted_sum([expert(expert_input) for expert in experts], weights)
 
 
+class FeatureDropout(nn.Dropout):
+    """``nn.Dropout`` whose keep mask comes from ``rand_like`` and a compare (same distribution, other stream).
+
+    It runs on every item's projected features at every step; on the CPU ``bernoulli_`` made that 1.6x
+    slower (forward and backward over a 100,000 x 64 table: 70 ms against 44 ms on one core).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.p == 1:
+            return torch.zeros_like(x)
+        return x * (torch.rand_like(x) >= self.p).to(x.dtype).mul_(1 / (1 - self.p))
+
+
 class MixtureOfExperts(nn.Module):
     """The REVEAL authors' fusion (M3SRec's "multi-scale multimodal fusion layer"), applied per item.
 
@@ -355,7 +370,7 @@ class REVEALItemEncoder(nn.Module):
                 self.missing_vectors[modality] = nn.Parameter(torch.zeros(values.shape[1]))
             if cold_rows is not None and feature_trainable:  # the loaded rows: cold items keep theirs
                 self.register_buffer(f"loaded_{modality}", values.clone(), persistent=False)
-        self.dropout = nn.Dropout(feature_dropout)
+        self.dropout = FeatureDropout(feature_dropout)
         parts = 1 + len(self.modalities)
         if fusion == "concat" and self.modalities:
             self.concat_projection = nn.Linear(parts * self.embedding_dim, self.embedding_dim)
