@@ -547,7 +547,6 @@ def convert(
     if not mask.any():
         raise AmazonFormatError(f"{reviews}: nothing is left after the {user_k or k}/{item_k or k}-core filter")
     rows = chronological(data.user, data.time, data.line, mask)
-    del mask
     users, items = data.user[rows], data.item[rows]
     timestamps = tie_broken_times(users, data.time[rows])
     first_rows = np.unique(items, return_index=True)[1]
@@ -583,13 +582,13 @@ def convert(
             bad_meta = bad_meta or bad_kept
         roots = Counter(p[0] for t in tokens if t in records for p in records[t].category_paths)
         root = roots.most_common(1)[0][0] if roots else None
-        blank = ItemMeta("", (), "", "", ())
-        item_rows = (
-            [token, record.title, " > ".join(choose_path(record.category_paths, root)), record.brand,
-             record.description, " ".join(words.get(token, []))]
-            for token, record in ((token, records.get(token, blank)) for token in tokens)
-        )
-        write_item_table(stage(".item"), item_rows, extra_header=["keywords:token_seq"])
+        def item_rows() -> Iterator[list[str]]:
+            for token in tokens:
+                record = records.get(token, ItemMeta("", (), "", "", ()))
+                category = " > ".join(choose_path(record.category_paths, root))
+                yield [token, record.title, category, record.brand, record.description, " ".join(words.get(token, []))]
+
+        write_item_table(stage(".item"), item_rows(), extra_header=["keywords:token_seq"])
         items_with_image = 0
         if meta is not None:
             with open(stage(".images.tsv"), "w", encoding="utf-8", newline="\n") as handle:
