@@ -171,7 +171,7 @@ def io_spies(monkeypatch):
 def parked_state(run: FVERun) -> tuple[str, set[str], bool]:
     """The parked kept model's round folder, the devices of its tensors, and whether it holds a cached table."""
     model_file, model = run.parked
-    devices = {tensor.device.type for tensor in model.state_dict().values()}
+    devices = {tensor.device.type for tensor in [*model.parameters(), *model.buffers()]}  # frozen tables: buffers
     return model_file.parent.name, devices, any(getattr(m, "_table_cache", None) is not None for m in model.modules())
 
 
