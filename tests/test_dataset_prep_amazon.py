@@ -160,6 +160,37 @@ def test_2014_reviews_and_literal_metadata(tmp_path, monkeypatch):
     assert "B00ITEM005" not in urls and "B00ITEM006" not in urls and len(urls) == 5
 
 
+def test_2014_outputs_byte_for_byte(tmp_path):
+    """The whole .item, .reviews and .images.tsv of the 2014 fixture, checked by hand: items in order of
+    first appearance (AUSER0 lists 2, 1, 3, 4, 5, 6; item 0 first appears with AUSER1); training reviews
+    only (AUSER0-4 hold out items 5 and 6, AUSER5 items 4 and 6, so item 4 keeps 4 reviews and items 5-6
+    none); keywords: "great" and "works" are in 5 and 4 of the 5 items with training reviews (> max_df),
+    "sturdy" ties with blade, handle and sharp and loses alphabetically; item 6's metadata line was refused."""
+    reviews, meta = make_2014(tmp_path)
+    convert_amazon.convert(reviews, tmp_path / "out", "sp", meta=meta, keywords=3, min_df=1)
+    knives = "Sports & Outdoors > Hunting & Fishing > Knives\tBuck\t"
+    assert (tmp_path / "out" / "sp.item").read_bytes().decode() == "".join(line + "\n" for line in [
+        "item_id:token\ttitle:token_seq\tcategories:token_seq\tbrand:token\tdescription:token_seq\tkeywords:token_seq",
+        f"B00ITEM002\tMen's Trail Knife & Sheath 2\t{knives}\t",
+        f"B00ITEM001\tMen's Trail Knife & Sheath 1\t{knives}\t",
+        f"B00ITEM003\tMen's Trail Knife & Sheath 3\t{knives}\twaterproof zipper",
+        f"B00ITEM004\tMen's Trail Knife & Sheath 4\t{knives}\tblade handle sharp",
+        "B00ITEM005\tMen's Trail Knife & Sheath 5\tSports & Outdoors\tBuck\t\t",
+        "B00ITEM006\t\t\t\t\t",
+        f"B00ITEM000\tMen's Trail Knife & Sheath 0\t{knives}\t",
+    ])
+    plain = "Great. Great product, works."
+    waterproof = "Great. Great product. It is waterproof and the waterproof zipper works."
+    blade = "Great. Great blade, very sharp blade and a sturdy handle."
+    expected_reviews = [("2", plain, 5), ("1", plain, 5), ("3", waterproof, 5), ("4", blade, 4), ("0", plain, 5)]
+    assert (tmp_path / "out" / "sp.reviews").read_bytes().decode() == "item_id\treview\n" + "".join(
+        f"B00ITEM00{item}\t{text}\n" * count for item, text, count in expected_reviews
+    )
+    assert (tmp_path / "out" / "sp.images.tsv").read_bytes().decode() == "item_id\timage_urls\n" + "".join(
+        f"B00ITEM00{i}\thttp://ecx.images-amazon.com/images/I/{i}abc._SY300_.jpg\n" for i in (2, 1, 3, 4, 0)
+    )
+
+
 def test_training_rows_hold_out_each_users_last_two_as_recbole_does():
     users = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 3])
     assert convert_amazon.training_rows(users).tolist() == [
