@@ -168,11 +168,10 @@ def io_spies(monkeypatch):
     return seen
 
 
-def parked_state(run: FVERun) -> tuple[str, set[str], bool]:
-    """The parked kept model's round folder, the devices of its tensors, and whether it holds a cached table."""
-    model_file, model = run.parked
-    devices = {tensor.device.type for tensor in [*model.parameters(), *model.buffers()]}  # frozen tables: buffers
-    return model_file.parent.name, devices, any(getattr(m, "_table_cache", None) is not None for m in model.modules())
+def parked_state(run: FVERun) -> tuple[str, set[str], set[str]]:
+    """The parked kept state's round folder, the devices of its tensors, and what it holds."""
+    model_file, state = run.parked
+    return model_file.parent.name, {tensor.device.type for tensor in state["state_dict"].values()}, set(state)
 
 
 def history(output: Path) -> list[dict]:
@@ -235,11 +234,12 @@ def test_two_rounds_keep_discard_history_cache_and_reuse(fve_config, tmp_path, f
                                       and r["item"] in with_image)
     assert all(rounds[index]["images_per_second"] > 0 for index in (0, 1, 2))
 
-    # checkpoints are read to the CPU; the kept model is loaded once per kept round and waits on the CPU
-    # (in eval mode, without its cached item table) while the next round trains
+    # checkpoints are read to the CPU; the kept model's state (no optimiser state) is read once per kept round
+    # and waits on the CPU while the next round trains
     assert io_spies["loads"] == [("round-000", "cpu"), ("round-001", "cpu"), ("round-001", "cpu"),
                                  ("round-002", "cpu")]  # round 2's feedback: round 1's model; no load for the test
-    assert [parked for _, parked in after_round[1:]] == [("round-000", {"cpu"}, False), ("round-001", {"cpu"}, False)]
+    state = {"state_dict", "other_parameter"}
+    assert [parked for _, parked in after_round[1:]] == [("round-000", {"cpu"}, state), ("round-001", {"cpu"}, state)]
 
     # the kept prompts and features, in the dataset feature format, reload through a plain run
     state = json.loads((output / loop.STATE_FILE).read_text(encoding="utf-8"))

@@ -46,7 +46,6 @@ prompt the round changed, before and after (per item in the history rows).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -55,7 +54,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -318,7 +317,7 @@ class FVERun:
         self.critic_image = bool(config["fve_critic_image"])
         self._told_text_only = False
         self._region_attention: RegionAttention | None = None
-        self.parked: tuple[Path, torch.nn.Module] | None = None  # the kept model and its file, on the CPU (kept_model)
+        self.parked: tuple[Path, dict] | None = None  # the kept model's file and state, on the CPU (kept_model)
 
     @staticmethod
     def _build_dataset(config) -> MultimodalSequentialDataset:
@@ -474,22 +473,22 @@ class FVERun:
         checkpoint = load_checkpoint(model_file, map_location="cpu")
         return build_model(self.config, self.train_data, checkpoint)
 
-    @contextlib.contextmanager
-    def kept_model(self, features: np.ndarray, model_file: Path) -> Iterator[torch.nn.Module]:
-        """The kept model on the device for one use (its feedback pass, the final test).
+    def kept_model(self, features: np.ndarray, model_file: Path) -> torch.nn.Module:
+        """The kept model on the device, for one use (its feedback pass, the final test).
 
-        Loaded once per kept round and held on the CPU between uses, so the round that trains
-        next has the device to itself and a discarded round reloads nothing. Parking puts it in
-        eval mode, which also drops its cached item table (a device tensor).
+        Its state (weights and other parameters, not the optimiser's) is read once per kept round
+        and waits on the CPU (:attr:`parked`); the model is built from it for each use and dropped
+        after, so the round that trains next has the device to itself. Not the model object: on a
+        GPU its round trip would leave a host copy of the frozen feature tables it shares with the
+        dataset.
         """
         if self.parked is None or self.parked[0] != model_file:
-            self.parked = None  # the previous kept model goes before the next one loads
-            self.parked = (model_file, self.load_model(features, model_file))
-        model = self.parked[1].to(self.config["device"])
-        try:
-            yield model
-        finally:
-            model.eval().to("cpu")
+            self.parked = None  # the previous kept state goes before the next one loads
+            checkpoint = load_checkpoint(model_file, map_location="cpu")
+            state = {key: checkpoint[key] for key in ("state_dict", "other_parameter") if key in checkpoint}
+            self.parked = (model_file, state)
+        self.attach(features)
+        return build_model(self.config, self.train_data, self.parked[1])
 
     # -- the keep decision
     def valid_feedback(self, model) -> RankFeedback:
@@ -610,10 +609,9 @@ def run_fve(
             on_round(run, state, kept_features)
 
     model_file = output / state.kept_model_file
-    with run.kept_model(kept_features, model_file) as kept_model:
-        test_result = run.trainer(kept_model, output).evaluate(
-            run.test_data, load_best_model=False, show_progress=config["show_progress"]
-        )
+    test_result = run.trainer(run.kept_model(kept_features, model_file), output).evaluate(
+        run.test_data, load_best_model=False, show_progress=config["show_progress"]
+    )
     test_result = {k: float(v) for k, v in test_result.items()}
     result = {
         "output_dir": str(output),
@@ -680,8 +678,7 @@ def feedback_round(run: FVERun, state: FVEState, round_index: int, kept_features
     if not run.conditions_on_prompt:
         summary["reason"] = PROMPT_BLIND  # said once by run_fve; no feedback, critic or training
     else:
-        with run.kept_model(kept_features, run.output / state.kept_model_file) as kept_model:
-            stats = run.valid_feedback(kept_model)
+        stats = run.valid_feedback(run.kept_model(kept_features, run.output / state.kept_model_file))
         prompts, rows = run.propose(stats, state.prompts, round_index)
         summary.update(hard_items=len(rows), changed_prompts=sum(row["changed"] for row in rows))
         attention, old_mass, new_mass = run.attention(state.prompts, prompts, [r["item"] for r in rows if r["changed"]])
