@@ -143,9 +143,11 @@ def test_sports_end_to_end(tmp_path, monkeypatch, server, tiny_bert):  # noqa: F
         features = dataset.item_features[modality]
         assert tuple(features.values.shape) == (len(ITEMS) + 1, dim)
         assert features.present[1:].all() and not features.present[0]
-        for token in item_tokens:  # each item's row is its row of the feature file
+        assert features.unit_norm  # feature_norm: l2, applied once at load
+        for token in item_tokens:  # each item's row is its row of the feature file, unit-normalised
             row = features.values[dataset.token2id("item_id", token)].numpy()
-            assert np.array_equal(row, files[modality][token]), (modality, token)
+            expected = files[modality][token] / np.linalg.norm(files[modality][token])
+            np.testing.assert_allclose(row, expected, rtol=1e-5, atol=1e-7, err_msg=f"{modality} {token}")
 
     drops = result["utilisation"]["drop"]
     assert set(drops) == {"image", "text"}
