@@ -168,6 +168,28 @@ def io_spies(monkeypatch):
     return seen
 
 
+@pytest.fixture
+def kept_models(monkeypatch):
+    """Weak references to every kept model the loop builds and, per training, which of them were still alive."""
+    import weakref
+
+    seen = {"models": [], "alive_at_training": []}
+    kept_model, train = FVERun.kept_model, FVERun.train
+
+    def spy_kept_model(self, features, model_file):
+        model = kept_model(self, features, model_file)
+        seen["models"].append(weakref.ref(model))
+        return model
+
+    def spy_train(self, round_index, features):
+        seen["alive_at_training"].append([ref() is not None for ref in seen["models"]])
+        return train(self, round_index, features)
+
+    monkeypatch.setattr(FVERun, "kept_model", spy_kept_model)
+    monkeypatch.setattr(FVERun, "train", spy_train)
+    return seen
+
+
 def parked_state(run: FVERun) -> tuple[str, set[str], set[str]]:
     """The parked kept state's round folder, the devices of its tensors, and what it holds."""
     model_file, state = run.parked
@@ -178,7 +200,8 @@ def history(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / loop.HISTORY_FILE).read_text(encoding="utf-8").splitlines()]
 
 
-def test_two_rounds_keep_discard_history_cache_and_reuse(fve_config, tmp_path, forced_scores, spies, io_spies):
+def test_two_rounds_keep_discard_history_cache_and_reuse(fve_config, tmp_path, forced_scores, spies, io_spies,
+                                                         kept_models):
     encoder, output, after_round = StandInEncoder(), tmp_path / "fve", []
 
     def on_round(run, state, features):
@@ -240,6 +263,7 @@ def test_two_rounds_keep_discard_history_cache_and_reuse(fve_config, tmp_path, f
                                  ("round-002", "cpu")]  # round 2's feedback: round 1's model; no load for the test
     state = {"state_dict", "other_parameter"}
     assert [parked for _, parked in after_round[1:]] == [("round-000", {"cpu"}, state), ("round-001", {"cpu"}, state)]
+    assert kept_models["alive_at_training"] == [[], [False], [False, False]]  # no kept model is left on the device
 
     # the kept prompts and features, in the dataset feature format, reload through a plain run
     state = json.loads((output / loop.STATE_FILE).read_text(encoding="utf-8"))
