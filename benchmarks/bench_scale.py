@@ -36,7 +36,7 @@ import torch
 
 from reveal_recbole.config import Config
 from reveal_recbole.data.features import feature_paths
-from reveal_recbole.pipeline import prepare_run
+from reveal_recbole.pipeline import PreparedRun, build_model, build_trainer, prepare_data, prepare_run
 
 COMMON = {
     "state": "ERROR", "show_progress": False, "diagnostics_figure": False, "utilisation_per_epoch": False,
@@ -164,14 +164,17 @@ def peak_device_step(run, batch, epoch: int) -> float | None:
 
 
 def measure_timings(root: Path, name: str, labels: list[str], args) -> dict:
-    runs, batches, eval_batches = {}, None, None
+    # one dataset and split (one copy of the features: frozen tables share its rows), the same batches for all
+    data = prepare_data(config_for("SASRecREVEAL", name, root, args.device, {}))
+    runs = {}
     for label in labels:
         model, overrides, _ = VARIANTS[label]
-        runs[label] = prepare_run(config_for(model, name, root, args.device, overrides))
-        if batches is None:  # same split and seed for every model: the same batches
-            device = runs[label].config["device"]
-            batches = fixed_batches(runs[label].train_data, args.steps, device)
-            eval_batches = [batch[0].to(device) for batch, _ in zip(runs[label].valid_data, range(args.eval_batches))]
+        config = config_for(model, name, root, args.device, overrides)
+        network = build_model(config, data[1])
+        runs[label] = PreparedRun(config, *data, network, build_trainer(config, network))
+    device = runs[labels[0]].config["device"]
+    batches = fixed_batches(data[1], args.steps, device)
+    eval_batches = [batch[0].to(device) for batch, _ in zip(data[2], range(args.eval_batches))]
     train = {label: [] for label in labels if VARIANTS[label][2]}
     evaluate = {label: [] for label in labels}
     table = {label: [] for label in labels}
