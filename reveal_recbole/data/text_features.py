@@ -222,7 +222,7 @@ def extract_text_features(
     pending.sort(key=lambda pair: len(pair[1]), reverse=True)
     progress = tqdm(total=len(pending), desc="text features", unit="text", disable=not show_progress,
                     mininterval=1.0, dynamic_ncols=True, leave=False)
-    # Cache entries are written (each one fsync'ed) by one thread while the next batch encodes:
+    # Cache entries are written (renamed into place) by one thread while the next batch encodes:
     # on small texts the writes otherwise cost a quarter of the time.
     writer = ThreadPoolExecutor(1, thread_name_prefix="text-cache") if cache is not None and pending else None
     writes: list[Future] = []
