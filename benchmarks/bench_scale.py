@@ -14,7 +14,8 @@ median over the repeats and each variant's ratio to SASRec.
 Per catalogue it also measures, each model in a fresh process: peak host memory while the dataset
 and model load (above the process after imports), load time, checkpoint size and checkpoint load
 time; and on CUDA peak device memory per training step. Results: a markdown table on stdout and
-``<out>/scale-<dims>.json``, ``<out>/scale-<dims>.png`` (ratio to SASRec vs catalogue size).
+``<out>/scale-<dims>-<device>.json`` and ``.md`` (written after each catalogue) and ``.png`` (ratio to
+SASRec vs catalogue size).
 """
 from __future__ import annotations
 
@@ -329,6 +330,12 @@ def main() -> None:
         return
     labels = ["SASRec"] + [label for label in args.variants if label != "SASRec"]
     dims = tuple(args.dims)
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    header = (f"bench_scale: {dims[0]}-d image + {dims[1]}-d text features, batch 256, {args.steps} steps and "
+              f"{args.eval_batches} eval batches per repeat, {args.repeats} repeats (min/median), device {device}, "
+              f"torch {torch.__version__}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"scale-{dims[0]}x{dims[1]}-{args.device}"
     results = []
     for n_items in args.items:
         start = time.perf_counter()
@@ -340,17 +347,13 @@ def main() -> None:
             result["memory"] = measure_memory(args.root, name, labels, args.device)
         results.append(result)
         print(f"{n_items:,} items done ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-    device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    header = (f"bench_scale: {dims[0]}-d image + {dims[1]}-d text features, batch 256, {args.steps} steps and "
-              f"{args.eval_batches} eval batches per repeat, {args.repeats} repeats (min/median), device {device}, "
-              f"torch {torch.__version__}")
+        # written after every catalogue: a run stopped at the next, larger one keeps these
+        stem.with_suffix(".json").write_text(json.dumps({"header": header, "results": results}, indent=1))
+        stem.with_suffix(".md").write_text(header + "\n\n" + table(results, labels) + "\n")
     print(header)
     print(table(results, labels))
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"scale-{dims[0]}x{dims[1]}-{args.device}"
-    stem.with_suffix(".json").write_text(json.dumps({"header": header, "results": results}, indent=1))
     figure(results, labels, stem.with_suffix(".png"))
-    print(f"written {stem}.json and {stem}.png", file=sys.stderr)
+    print(f"written {stem}.json, .md and .png", file=sys.stderr)
 
 
 if __name__ == "__main__":
