@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script(name: str):
-    """Import a top-level script of the repository (``run_reveal.py``, ``run_hyper.py``) as a module."""
+    """Import a script of the repository (``run_reveal``, ``benchmarks/bench_scale``: no ``.py``) as a module."""
     spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,20 +1,15 @@
 """benchmarks/bench_fve_world.py's core: the arms on the tiny FVE set with stand-in networks, and its table."""
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
+from conftest import load_script
 from test_fve_aligned import tiny_encoder
 from test_fve_loop import DATASET, fve_config, item_tokens  # noqa: F401 - the tiny FVE set (a fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_fve_world", ROOT / "benchmarks" / "bench_fve_world.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_fve_world")
 
 
 def test_the_arms_share_round_0_and_report_every_round(fve_config, tmp_path):  # noqa: F811

@@ -1,19 +1,13 @@
 """benchmarks/bench_scale.py's catalogue and timing loop, on a catalogue of a few hundred items."""
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
 from reveal_recbole.data.features import read_feature_file
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
 
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "benchmarks" / "bench_scale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_scale")
 
 
 def test_the_random_catalogue_covers_every_item_along_feature_neighbourhoods(tmp_path):
