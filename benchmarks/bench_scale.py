@@ -305,6 +305,7 @@ def figure(results: list[dict], labels: list[str], path: Path) -> None:
         axis.set_ylabel("time / SASRec's (min of repeats)")
         axis.set_title(title)
     train_axis.legend(fontsize=7)
+    eval_axis.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
