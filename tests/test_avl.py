@@ -455,3 +455,27 @@ def test_bpr_loss_with_avl(tiny_config):
     loss = trainer._train_epoch(train_data, 0)
     assert math.isfinite(loss)
     assert int(model.avl_running_losses[2]) == len(train_data)
+
+
+def test_masked_passes_reuse_the_loss_passs_projections(tiny_config):
+    """Within a step AVL's masked passes project no feature row again, and their losses are unchanged by it."""
+    _, model, _, train_data, *_ = build(tiny_config | {"avl": True})
+    interaction = first_batch(train_data)
+    encoder = model.item_embedding
+    calls = []
+    hooks = [layer.register_forward_hook(lambda *_: calls.append(1)) for layer in encoder.projections.values()]
+    model.train()
+    model.calculate_loss(interaction)
+    assert len(calls) == 2  # image and text, once each
+    reused = masked_losses(model, interaction)
+    assert len(calls) == 2  # L_v and L_t projected nothing
+    encoder._projection_cache.clear()
+    fresh = masked_losses(model, interaction)
+    assert len(calls) == 4  # without the cache each masked pass projects its unmasked modality
+    assert torch.equal(reused[0], fresh[0]) and torch.equal(reused[1], fresh[1])
+    with torch.no_grad():  # a changed parameter (an optimiser step) is a new state: each projected once again
+        encoder.projections["image"].weight.mul_(2.0)
+    changed = masked_losses(model, interaction)
+    assert len(calls) == 6 and not torch.equal(changed[0], fresh[0])
+    for hook in hooks:
+        hook.remove()

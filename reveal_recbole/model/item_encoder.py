@@ -343,6 +343,7 @@ class REVEALItemEncoder(nn.Module):
         self.modalities = tuple(item_features)
         self.masked_modalities: frozenset[str] = frozenset()
         self._table_cache: tuple[tuple, torch.Tensor] | None = None
+        self._projection_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
         self._share_depth = 0
 
         # data-derived, rebuilt with the model from its training split: not part of checkpoints
@@ -453,7 +454,24 @@ class REVEALItemEncoder(nn.Module):
         """``drop(W f + b)`` for every item; ``None`` while the modality is masked."""
         if modality in self.masked_modalities:
             return None
-        return self.dropout(self.projections[modality](self.modality_input(modality, neighbours)))
+        return self.dropout(self.projection(modality, neighbours))
+
+    def projection(self, modality: str, neighbours: torch.Tensor | None = None) -> torch.Tensor:
+        """``W f + b`` for every item, computed once per parameter state.
+
+        Within a training step the loss pass and AVL's two masked passes (which run before the
+        optimiser changes anything) need the same projections: without grad the masked passes reuse
+        the loss pass's (detached), instead of projecting every item's features again.
+        """
+        if neighbours is not None:  # cold items' inputs borrow from their neighbours: not the cached rows
+            return self.projections[modality](self.modality_input(modality, neighbours))
+        key = self._cache_key()[0]
+        cached = self._projection_cache.get(modality)
+        if cached is not None and cached[0] == key and not torch.is_grad_enabled():
+            return cached[1]
+        projected = self.projections[modality](self.modality_input(modality))
+        self._projection_cache[modality] = (key, projected.detach())
+        return projected
 
     def id_part(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The ID rows and, in training with ``id_dropout``, which rows were kept.
