@@ -1,4 +1,5 @@
 """Missing or unknown datasets fail at once with what to do, and never reach RecBole's download."""
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +178,15 @@ def test_topk_beyond_the_catalogue_is_a_config_error(tiny_config):
     config = Config(model="SASRec", dataset="scientific", config_dict=tiny_config | {"topk": [10, 100000]})
     with pytest.raises(ConfigError, match=r"top 100000 items, but scientific has only \d+"):
         create_dataset(config)
+
+
+def test_lines_with_surplus_columns_are_read_as_recbole_reads_them(tiny_config, tiny_data, caplog):
+    """RecBole reads the header's columns and ignores extra trailing values (its own test.inter has such a line)."""
+    plain = create_dataset(Config(model="SASRecREVEAL", dataset="scientific", config_dict=tiny_config))
+    expected = plain.inter_feat[plain.iid_field].tolist()
+    edit_interactions(tiny_data, lambda h, r: (h, r[:2] + [r[2] + "\t5\textra"] + r[3:6] + [r[6] + "\t1"] + r[7:]))
+    with caplog.at_level(logging.WARNING):
+        dataset = create_dataset(Config(model="SASRecREVEAL", dataset="scientific", config_dict=tiny_config))
+    assert dataset.inter_feat[dataset.iid_field].tolist() == expected  # the same interactions, extras ignored
+    warnings = [r.getMessage() for r in caplog.records if "more columns than the header" in r.getMessage()]
+    assert len(warnings) == 1 and "2 line(s)" in warnings[0] and "first: line 4, 5 columns" in warnings[0]

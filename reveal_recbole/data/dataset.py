@@ -1,6 +1,7 @@
 """The multimodal sequential dataset, and dataset checks that run before RecBole touches files."""
 from __future__ import annotations
 
+from logging import getLogger
 from pathlib import Path
 
 from recbole.data.dataset import SequentialDataset
@@ -107,17 +108,26 @@ def check_interaction_file(config) -> None:
 
 
 def find_bad_interaction_line(path: Path, fields: dict[str, str], config) -> str | None:
-    """The first line of ``path`` (header ``fields``) with a wrong column count, an empty user, item
-    or float value, or a float value that is not a number (None if every line is fine)."""
+    """The first line of ``path`` (header ``fields``) with too few columns, an empty user, item or
+    float value, or a float value that is not a number (None if every line is fine).
+
+    Lines with more columns than the header are read as RecBole reads them (the header's columns;
+    the rest ignored: RecBole's own ``tests/test_data/test/test.inter`` has such a line) and
+    reported in one warning.
+    """
     columns = list(fields.items())
     separator = config["field_separator"] or "\t"
     required = {config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]}
+    surplus, first_surplus = 0, None
     with open(path, encoding=config["encoding"] or "utf-8", errors="replace") as handle:
         next(handle)
         for number, line in enumerate(handle, start=2):
             values = line.rstrip("\r\n").split(separator)
-            if len(values) != len(columns):
+            if len(values) < len(columns):
                 return f"{path} line {number}: {len(values)} columns, the header has {len(columns)}"
+            if len(values) > len(columns):
+                surplus += 1
+                first_surplus = first_surplus or (number, len(values))
             for (name, kind), value in zip(columns, values):
                 if not value.strip() and (name in required or kind == "float"):
                     return f"{path} line {number}: empty {name}"
@@ -126,6 +136,11 @@ def find_bad_interaction_line(path: Path, fields: dict[str, str], config) -> str
                         float(value)
                     except ValueError:
                         return f"{path} line {number}: {name} is {value[:40]!r}, not a number"
+    if surplus:
+        getLogger().warning(
+            f"{path}: {surplus} line(s) have more columns than the header's {len(columns)} (first: line "
+            f"{first_surplus[0]}, {first_surplus[1]} columns); read as RecBole reads them, the extra values ignored"
+        )
     return None
 
 
