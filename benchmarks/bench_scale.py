@@ -49,6 +49,8 @@ VARIANTS = {  # label -> (model, config overrides, trained?)
     "SASRecREVEAL feature_width=64": ("SASRecREVEAL", {"feature_width": 64}, True),
     "SASRecREVEAL feature_width=32": ("SASRecREVEAL", {"feature_width": 32}, True),
     "SASRecREVEAL fusion=moe": ("SASRecREVEAL", {"fusion": "moe"}, True),
+    "SASRecREVEAL fusion=moe score_with=id": ("SASRecREVEAL", {"fusion": "moe", "score_with": "id"}, True),
+    "SASRecREVEAL score_with=id": ("SASRecREVEAL", {"score_with": "id"}, True),
     "SASRecREVEAL avl": ("SASRecREVEAL", {"avl": True}, True),
     "FeatureKNN": ("FeatureKNN", {}, False),
 }

@@ -174,7 +174,7 @@ def test_score_with_id_scores_with_the_id_table_and_embeds_inputs_fused():
     ids = torch.tensor([[1, 4, 0], [11, 2, 3]])
     with torch.no_grad():
         assert by_id.weight is by_id.id_embedding.weight
-        assert torch.equal(by_id(ids), fused(ids))  # the input sequence still sees the features
+        torch.testing.assert_close(by_id(ids), fused(ids))  # the input sequence still sees the features
         assert torch.equal(by_id.table(), fused.weight)
         assert not torch.equal(by_id.weight, fused.weight)
 
@@ -421,3 +421,24 @@ def test_a_saved_config_without_the_newer_keys_gets_their_defaults():
     old_config = {"loss_type": "CE"}
     config = type("C", (), {"__getitem__": lambda self, k: old_config.get(k)})()
     assert encoder_settings(config, ["image"]) == SETTING_DEFAULTS
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("missing_feature", ["zero", "learned"])
+def test_score_with_id_fuses_only_the_rows_it_embeds(fusion, missing_feature):
+    """The input sequence's rows, computed alone, equal the full table's; the catalogue is not projected."""
+    encoder = make_encoder(fusion=fusion, score_with="id", missing_feature=missing_feature)
+    ids = torch.tensor([[1, 4, 0, 4], [11, 3, 7, 0]])  # repeats, padding, items without an image row
+    inputs = []
+    hook = encoder.projections["image"].register_forward_hook(lambda _, args, __: inputs.append(args[0].shape[0]))
+    with torch.no_grad():
+        rows = encoder(ids)
+        torch.testing.assert_close(rows, encoder.table()[ids])
+        with encoder.masking(["image"]):
+            torch.testing.assert_close(encoder(ids), encoder.table()[ids])
+    hook.remove()
+    assert inputs[0] == 6  # the distinct ids of the batch, not the N_ITEMS rows of the catalogue
+    assert torch.count_nonzero(rows[ids == 0]) == 0
+    encoder.train()
+    encoder(ids).sum().backward()  # the projections learn from the rows they embedded
+    assert encoder.projections["text"].weight.grad.abs().sum() > 0

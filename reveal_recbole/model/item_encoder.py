@@ -593,7 +593,40 @@ class REVEALItemEncoder(nn.Module):
     def forward(self, item_ids: torch.Tensor) -> torch.Tensor:
         if not self.modalities:
             return self.id_embedding(item_ids)
+        if self.score_with == "id" and self.cold_rows is None:  # candidates are scored by ID: fuse only these
+            unique, inverse = torch.unique(item_ids, return_inverse=True)
+            return F.embedding(inverse, self.fused_rows(unique))
         return F.embedding(item_ids, self.table())
+
+    def fused_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """``compute_table()[ids]`` for distinct ``ids``, computing only those rows.
+
+        With ``score_with: id`` the fused table embeds the input sequence alone, so a step needs the
+        rows of its batch's items (at most batch x length), not the catalogue's: the projections and
+        the ``moe`` experts then cost the same at 1M items as at 1,000. Dropout is drawn per row as the
+        full table draws it; cold-item handling (which needs every row) keeps the full table.
+        """
+        id_rows = self.id_embedding.weight[ids]
+        id_kept = None
+        if self.training and self.id_dropout > 0:
+            id_kept = torch.rand(len(ids), device=id_rows.device) >= self.id_dropout
+            id_rows = id_rows * id_kept.unsqueeze(1).to(id_rows.dtype)
+        parts, kept = [], []
+        for modality in self.modalities:
+            if modality in self.masked_modalities:
+                parts.append(torch.zeros_like(id_rows))
+                kept.append(False)
+                continue
+            inputs = self.feature_tables[modality][ids]
+            if modality in self.missing_vectors:
+                present = getattr(self, f"present_{modality}")[ids].unsqueeze(1)
+                inputs = torch.where(present, inputs, self.missing_vectors[modality])
+            parts.append(self.dropout(self.projections[modality](inputs)))
+            kept.append(None)
+        rows = self.fuse([id_rows, *parts], [id_kept, *kept])
+        if self.padding_idx is not None:
+            rows = rows.masked_fill((ids == self.padding_idx).unsqueeze(1), 0.0)
+        return rows
 
     def extra_repr(self) -> str:
         cold = 0 if self.cold_rows is None else int(self.cold_rows.sum())
