@@ -199,12 +199,6 @@ class FeatureTables(nn.Module):
     def __getitem__(self, name: str) -> torch.Tensor:
         return getattr(self, name)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self.names
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
-
     def digest(self, name: str) -> torch.Tensor:
         """The frozen table's digest, computed once per table content (cached by storage and version)."""
         table = self[name]
