@@ -12,20 +12,25 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
-def atomic_target(path: str | os.PathLike) -> Iterator[str]:
+def atomic_target(path: str | os.PathLike, sync: bool = True) -> Iterator[str]:
     """A temporary path in ``path``'s folder to write to; when the block ends, the file is synced
-    and renamed to ``path`` (readers never see half a file), or removed if the block raised."""
+    and renamed to ``path`` (readers never see half a file), or removed if the block raised.
+
+    ``sync=False`` renames without the sync: a killed process still never leaves half a file, but
+    an operating-system crash may (for files whose reader checks them, written by the thousand).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if sync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
@@ -34,9 +39,9 @@ def atomic_target(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, sync: bool = True) -> None:
     """Write ``data`` to ``path`` atomically (:func:`atomic_target`)."""
-    with atomic_target(path) as tmp, open(tmp, "wb") as handle:
+    with atomic_target(path, sync) as tmp, open(tmp, "wb") as handle:
         handle.write(data)
 
 

@@ -24,12 +24,11 @@ import json
 import logging
 import os
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
 
-from reveal_recbole.atomic import atomic_write_text
+from reveal_recbole.atomic import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -163,12 +162,4 @@ class FeatureCache:
             raise ValueError(f"a cache entry is one vector, got shape {vector.shape}")
         buffer = io.BytesIO()
         np.save(buffer, vector, allow_pickle=False)
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            temporary.write_bytes(buffer.getvalue())
-            os.replace(temporary, path)  # renamed, not fsynced (see the module's docstring)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(self._path(key), buffer.getvalue(), sync=False)  # not fsynced: the module's docstring
