@@ -123,8 +123,14 @@ class Config(RecBoleConfig):
 
     def _gpu_requested(self) -> bool:
         """The user (a file, dict or command line, not RecBole's defaults) set use_gpu: True or a gpu_id."""
-        given = {**self.file_config_dict, **self.variable_config_dict, **self.cmd_config_dict}
+        given = user_given(self)
         return bool(given.get("use_gpu", "gpu_id" in given)) and str(given.get("gpu_id", "0")).strip() != ""
+
+
+def user_given(config) -> dict:
+    """The keys a RecBole config holds because the user gave them (config files, the config dict, the
+    command line), not from RecBole's or this package's yaml defaults."""
+    return {**config.file_config_dict, **config.variable_config_dict, **config.cmd_config_dict}
 
 
 def known_datasets() -> dict[str, str]:

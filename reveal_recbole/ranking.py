@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from recbole.utils import ModelType
 
+from reveal_recbole.config import user_given
+
 SCORE_BYTES = 4  # RecBole's full-sort scores are float32
 
 
@@ -82,12 +84,6 @@ def top_k_items(scores: torch.Tensor, k: int) -> torch.Tensor:
     return items.gather(1, order)
 
 
-def user_set(config, key: str) -> bool:
-    """``key`` came from the user (a config file, dict or the command line), not from a yaml default."""
-    return any(key in given for given in (config.file_config_dict, config.variable_config_dict,
-                                          config.cmd_config_dict))
-
-
 def size_eval_batch(config, n_items: int) -> None:
     """Cap ``eval_batch_size`` so a full-sort score batch stays within ``eval_score_budget_mb``, unless the user set it.
 
@@ -103,7 +99,7 @@ def size_eval_batch(config, n_items: int) -> None:
     if rows <= budget_rows:
         return
     budget, scores_gb = config["eval_score_budget_mb"], rows * n_items * SCORE_BYTES / 2**30
-    if user_set(config, "eval_batch_size"):
+    if "eval_batch_size" in user_given(config):
         getLogger().warning(
             f"eval_batch_size {rows} (set by you) scores {rows} users x {n_items:,} items at once: {scores_gb:.1f} GB "
             f"of float32 per evaluation batch (eval_score_budget_mb {budget} would take {budget_rows})"
