@@ -1,0 +1,151 @@
+"""The multimodal peers M3SRec and UniSRec: they train, score with their features, plug into AVL and the diagnostics."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from reveal_recbole.config import Config
+from reveal_recbole.errors import ConfigError
+from reveal_recbole.model.m3srec import M3SRec, wasserstein_distance, wasserstein_distance_matmul
+from reveal_recbole.pipeline import prepare_run
+from reveal_recbole.registry import get_model, get_trainer
+from reveal_recbole.trainer import REVEALTrainer
+
+
+def prepared(tiny_config, model: str, **keys):
+    config = Config(model=model, dataset="scientific", config_dict=tiny_config | keys)
+    return prepare_run(config)
+
+
+def first_batch(run):
+    return next(iter(run.train_data)).to(run.config["device"])
+
+
+def eval_batch(run):
+    """The first validation batch (a full-ranking loader: the interaction of its users)."""
+    return next(iter(run.valid_data))[0].to(run.config["device"])
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def train_one_epoch(run) -> float:
+    before = snapshot(run.model)
+    loss = run.trainer._train_epoch(run.train_data, 0)
+    after = snapshot(run.model)
+    assert any(not torch.equal(before[name], after[name]) for name in before), "no parameter changed"
+    return float(sum(loss) if isinstance(loss, tuple) else loss)
+
+
+@torch.no_grad()
+def scores_after_perturbing(run, modality: str, item: int, tables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scores, scores once noise is added to ``item``'s ``modality`` row in each of ``tables``, item sequences)."""
+    model = run.model.eval()
+    interaction = eval_batch(run)
+    before = model.full_sort_predict(interaction)
+    noise = torch.randn(tables[0][modality].shape[1], generator=torch.Generator().manual_seed(0))
+    for table in {id(t[modality]): t[modality] for t in tables}.values():  # frozen tables may be one tensor
+        table[item] += noise
+    return before, model.full_sort_predict(interaction), interaction[model.ITEM_SEQ]
+
+
+def moved_columns(before, after, users) -> set[int]:
+    return {int(c) for c in torch.nonzero((before[users] - after[users]).abs() > 1e-6)[:, 1]}
+
+
+def users_without(sequences, item: int) -> torch.Tensor:
+    return (sequences != item).all(1)
+
+
+# ----------------------------------------------------------------------------- M3SRec
+def test_wasserstein_matmul_agrees_with_the_pairwise_distance():
+    g = torch.Generator().manual_seed(1)
+    mean1, mean2 = torch.randn(3, 5, generator=g), torch.randn(4, 5, generator=g)
+    cov1, cov2 = torch.rand(3, 5, generator=g) + 0.1, torch.rand(4, 5, generator=g) + 0.1
+    pairwise = wasserstein_distance(mean1[:, None], cov1[:, None], mean2[None], cov2[None])
+    torch.testing.assert_close(wasserstein_distance_matmul(mean1, cov1, mean2, cov2), pairwise, rtol=1e-4, atol=1e-4)
+    by_hand = ((mean1[0] - mean2[1]) ** 2).sum() + ((cov1[0].sqrt() - cov2[1].sqrt()) ** 2).sum()
+    assert float(pairwise[0, 1]) == pytest.approx(float(by_hand), rel=1e-5)
+
+
+def test_m3srec_is_registered_with_the_reveal_trainer():
+    assert get_model("M3SRec") is M3SRec
+    assert get_trainer(None, "M3SRec") is REVEALTrainer
+
+
+def test_m3srec_trains_an_epoch_and_its_loss_falls(tiny_config):
+    run = prepared(tiny_config, "M3SRec")
+    batch = first_batch(run)
+    with torch.no_grad():
+        start = float(run.model.calculate_loss(batch))
+    first = train_one_epoch(run)
+    for epoch in range(1, 3):
+        run.trainer._train_epoch(run.train_data, epoch)
+    with torch.no_grad():
+        end = float(run.model.eval().calculate_loss(batch))
+    assert math.isfinite(first) and math.isfinite(end)
+    assert end < start
+
+
+def test_m3srec_scores_items_with_their_features(tiny_config):
+    run = prepared(tiny_config, "M3SRec")
+    encoders = run.model.item_embedding
+    item = 7
+    tables = [encoders.mean.feature_tables, encoders.cov.feature_tables]
+    before, after, sequences = scores_after_perturbing(run, "image", item, tables)
+    users = users_without(sequences, item)
+    assert users.any()
+    assert moved_columns(before, after, users) == {item}  # only the perturbed item's own column
+
+
+def test_m3srec_scoring_with_ids_as_the_authors_ignores_a_candidates_features(tiny_config):
+    run = prepared(tiny_config, "M3SRec", score_with="id")
+    encoders = run.model.item_embedding
+    before, after, sequences = scores_after_perturbing(run, "text", 7, [encoders.mean.feature_tables,
+                                                                         encoders.cov.feature_tables])
+    assert moved_columns(before, after, users_without(sequences, 7)) == set()
+
+
+def test_m3srec_predict_agrees_with_full_sort_predict(tiny_config):
+    run = prepared(tiny_config, "M3SRec")
+    model = run.model.eval()
+    interaction = eval_batch(run)
+    with torch.no_grad():
+        full = model.full_sort_predict(interaction)
+        interaction.update(type(interaction)({model.ITEM_ID: torch.full((len(full),), 5)}))
+        torch.testing.assert_close(model.predict(interaction), full[:, 5], rtol=1e-4, atol=1e-4)
+
+
+def test_m3srec_masks_image_and_text_in_both_branches(tiny_config):
+    run = prepared(tiny_config, "M3SRec")
+    model = run.model.eval()
+    interaction = eval_batch(run)
+    with torch.no_grad():
+        full = model.full_sort_predict(interaction)
+        with model.item_embedding.masking(["image"]):
+            assert model.item_embedding.mean.masked_modalities == model.item_embedding.cov.masked_modalities
+            image_masked = model.full_sort_predict(interaction)
+        again = model.full_sort_predict(interaction)
+    assert not torch.allclose(full, image_masked)
+    torch.testing.assert_close(full, again)
+    image_params = {id(p) for p in model.item_embedding.modality_parameters("image")}
+    for branch in (model.item_embedding.mean, model.item_embedding.cov):
+        assert {id(p) for p in branch.projections["image"].parameters()} <= image_params
+        assert {id(p) for p in branch.moe.part_parameters("image")} <= image_params
+
+
+def test_m3srec_with_avl_runs_a_training_step_with_the_avl_trainer(tiny_config):
+    run = prepared(tiny_config, "M3SRec", avl=True, utilisation_per_epoch=False)
+    assert isinstance(run.trainer, REVEALTrainer) and run.trainer.avl is not None
+    loss = run.trainer._train_epoch(run.train_data, 0)
+    assert math.isfinite(float(loss))
+    assert float(run.model.avl_running_losses[2]) >= 1  # masked losses folded in at least once
+    assert all(math.isfinite(float(v)) for v in run.model.avl_running_losses[:2])
+
+
+def test_m3srec_refuses_another_loss(tiny_config):
+    with pytest.raises(ConfigError, match="BPR"):
+        prepared(tiny_config, "M3SRec", loss_type="CE")
