@@ -27,3 +27,8 @@ class DatasetFileError(UserInputError, ValueError):
 
 class BackboneError(UserInputError, TypeError):
     """A backbone REVEAL cannot wrap (or not on this data); the message names the backbone and the reason."""
+
+
+class PreparationError(UserInputError, RuntimeError):
+    """A stage of preparing a dataset failed (an HTTP error, a timeout, a truncated archive, a full disk); the
+    message names the stage and the URL or file. Nothing half-written is left looking complete: rerun to resume."""

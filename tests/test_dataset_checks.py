@@ -34,9 +34,10 @@ def prepare_commands(name: str) -> list[str]:
 
 
 def sports_config(tmp_path, model="SASRecREVEAL"):
+    """download: never, so that nothing here reaches for the network (tests/test_prepare.py covers auto)."""
     return Config(
         model=model, dataset="sports",
-        config_dict={"data_path": str(tmp_path), "checkpoint_dir": str(tmp_path / "saved")},
+        config_dict={"data_path": str(tmp_path), "checkpoint_dir": str(tmp_path / "saved"), "download": "never"},
     )
 
 
@@ -57,11 +58,20 @@ def test_unprepared_dataset_names_missing_files_and_command(tmp_path, build):
     with pytest.raises(DatasetNotPreparedError) as excinfo:
         build(sports_config(tmp_path))
     message = str(excinfo.value)
-    assert "sports" in message and "not prepared" in message
+    assert "sports" in message and "not prepared (download: never)" in message
     for path in expected_missing(tmp_path):
         assert str(path) in message
-    for command in prepare_commands("sports"):
+    raw = tmp_path / "sports" / "raw"
+    for command in [
+        f"curl -fL -C - --create-dirs -o {raw / 'reviews_Sports_and_Outdoors_5.json.gz'} https://snap.stanford.edu/"
+        "data/amazon/productGraph/categoryFiles/reviews_Sports_and_Outdoors_5.json.gz",
+        f"python dataset_prep/convert_amazon.py --reviews {raw / 'reviews_Sports_and_Outdoors_5.json.gz'} --meta "
+        f"{raw / 'meta_Sports_and_Outdoors.json.gz'} --out {tmp_path / 'sports'} --name sports",
+        f"python dataset_prep/download_images.py --dir {tmp_path / 'sports'} --name sports --workers 16",
+        *prepare_commands("sports"),
+    ]:
         assert command in message
+    assert "shared/data" not in message  # only what a user has
     assert isinstance(excinfo.value, FileNotFoundError)
 
 
@@ -104,7 +114,7 @@ def test_unknown_dataset_lists_known_ones(tmp_path):
 def test_cli_exits_with_an_error_message_and_no_traceback(tmp_path, dataset, expected):
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "run_reveal.py"), "--model=SASRecREVEAL", f"--dataset={dataset}",
-         f"--data_path={tmp_path}", f"--checkpoint_dir={tmp_path / 'saved'}"],
+         f"--data_path={tmp_path}", f"--checkpoint_dir={tmp_path / 'saved'}", "--download=never"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode != 0

@@ -9,6 +9,7 @@ from recbole.utils import FeatureType
 
 from reveal_recbole.config import known_datasets
 from reveal_recbole.data.features import ItemFeatures, feature_paths, load_item_features
+from reveal_recbole.data.sources import download_mode, manual_commands, raw_source
 from reveal_recbole.errors import ConfigError, DatasetFileError, DatasetNotPreparedError
 
 
@@ -36,26 +37,42 @@ def required_files(config, multimodal: bool) -> list[Path]:
     return files
 
 
+def missing_files(config, multimodal: bool) -> list[Path]:
+    return [f for f in required_files(config, multimodal) if not f.is_file()]
+
+
 def require_dataset_files(config, multimodal: bool) -> None:
     """Fail at once, naming missing files and how to make them, instead of RecBole's download attempt;
     then check the interaction file (before RecBole, whose pandas errors name neither line nor column,
     and which fills a missing value with the column mean)."""
-    missing = [f for f in required_files(config, multimodal) if not f.is_file()]
+    missing = missing_files(config, multimodal)
     if not missing:
         check_interaction_file(config)
         return
     name = config["dataset"]
     known = known_datasets()
-    if name not in known and not Path(config["data_path"]).is_dir():
+    source = raw_source(config)
+    if name not in known and source is None and not Path(config["data_path"]).is_dir():
         raise DatasetNotPreparedError(
             f"unknown dataset {name!r}: no folder {config['data_path']} and no properties/dataset/{name}.yaml. "
-            f"Known datasets: {', '.join(f'{k} ({v})' for k, v in known.items())}. "
+            f"Known datasets: {', '.join(f'{k} ({v})' for k, v in known.items())}, and amazon2014-<Category> / "
+            "amazon2018-<Category> (README \"Datasets\"). "
             "For your own data, set data_path to a folder holding <dataset>.inter (RecBole atomic format)."
         )
-    steps = config["prepare_commands"] or []
+    reason = "download: never" if source is not None and download_mode(config) == "never" else ""
+    raise not_prepared_error(config, multimodal, missing, reason)
+
+
+def not_prepared_error(config, multimodal: bool, missing: list[Path], reason: str = "") -> DatasetNotPreparedError:
+    """``dataset X is not prepared (reason): missing ...; make them with: <commands>``: the commands that fetch
+    and prepare a dataset with a raw source (``sources.manual_commands``), then the yaml's ``prepare_commands``."""
+    source = raw_source(config)
+    steps = manual_commands(source, configured_modalities(config) if multimodal else None) if source else []
+    steps += config["prepare_commands"] or []
     how = ("\n  make them with:\n    " + "\n    ".join(steps)) if steps else ""
-    raise DatasetNotPreparedError(
-        f"dataset {name!r} is not prepared: missing\n    " + "\n    ".join(map(str, missing)) + how
+    return DatasetNotPreparedError(
+        f"dataset {config['dataset']!r} is not prepared{f' ({reason})' if reason else ''}: missing\n    "
+        + "\n    ".join(map(str, missing)) + how
     )
 
 

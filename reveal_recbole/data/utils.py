@@ -12,12 +12,16 @@ from reveal_recbole.data.dataset import (
     users_with_one_interaction,
 )
 from reveal_recbole.errors import ConfigError
+from reveal_recbole.prepare import prepare_missing
 from reveal_recbole.registry import get_dataset_class
 
 
 def create_dataset(config):
-    """Check the dataset's files (never RecBole's download attempt), then build it the RecBole way."""
-    if not issubclass(get_dataset_class(config), MultimodalSequentialDataset):
+    """Prepare a missing dataset that has a raw source (``download: auto``, ``reveal_recbole.prepare``), check
+    its files (never RecBole's download attempt), then build it the RecBole way."""
+    multimodal = issubclass(get_dataset_class(config), MultimodalSequentialDataset)
+    prepare_missing(config, multimodal)
+    if not multimodal:
         require_dataset_files(config, multimodal=False)  # the multimodal class runs these checks itself
     dataset = recbole_create_dataset(config)
     cold = hold_out_cold_items(dataset, config)  # before RecBole's split, so every model sees the same cold split
