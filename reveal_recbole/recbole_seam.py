@@ -86,14 +86,16 @@ def publish_model(model_class: type, dataset_class: type | None = None, trainer_
     """Make ``model_class`` (with its dataset class and trainer) visible to RecBole's lookups.
 
     Returns the alias module's name, which is also what the class's ``__module__`` should be so
-    that checkpoints can pickle it.
+    that checkpoints can pickle it. A subclass under one of RecBole's own model names (the feature
+    peers' ``SASRecF``) gets no alias: RecBole's module stays, and RecBole's lookups keep its model.
     """
     name = model_class.__name__
     alias = f"recbole.model.sequential_recommender.{name.lower()}"
-    module = types.ModuleType(alias, f"RecBole alias of {name}")
-    module.__spec__ = importlib.machinery.ModuleSpec(alias, None)  # RecBole's get_model uses find_spec
-    setattr(module, name, model_class)
-    sys.modules[alias] = module
+    if not hasattr(importlib.import_module("recbole.model.sequential_recommender"), name):
+        module = types.ModuleType(alias, f"RecBole alias of {name}")
+        module.__spec__ = importlib.machinery.ModuleSpec(alias, None)  # RecBole's get_model uses find_spec
+        setattr(module, name, model_class)
+        sys.modules[alias] = module
     if dataset_class is not None:
         setattr(importlib.import_module("recbole.data.dataset"), f"{name}Dataset", dataset_class)
     if trainer_class is not None:

@@ -1,5 +1,6 @@
 from reveal_recbole.model.bert4rec_reveal import BERT4RecREVEAL
 from reveal_recbole.model.feature_knn import FeatureKNN
+from reveal_recbole.model.feature_peers import FDSA, GRU4RecF, SASRecF
 from reveal_recbole.model.gru4rec_reveal import GRU4RecREVEAL
 from reveal_recbole.model.item_encoder import REVEALItemEncoder
 from reveal_recbole.model.m3srec import M3SRec
@@ -9,12 +10,15 @@ from reveal_recbole.model.sasrec_reveal import SASRecREVEAL
 
 __all__ = [
     "BERT4RecREVEAL",
+    "FDSA",
     "FeatureKNN",
+    "GRU4RecF",
     "GRU4RecREVEAL",
     "M3SRec",
     "NARMREVEAL",
     "REVEALItemEncoder",
     "REVEALRecommender",
+    "SASRecF",
     "SASRecREVEAL",
     "make_reveal_model",
     "register_reveal_model",
