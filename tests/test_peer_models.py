@@ -9,9 +9,13 @@ import torch
 from reveal_recbole.config import Config
 from reveal_recbole.errors import ConfigError
 from reveal_recbole.model.m3srec import M3SRec, wasserstein_distance, wasserstein_distance_matmul
+from reveal_recbole.model.unisrec import UniSRec
 from reveal_recbole.pipeline import prepare_run
+from reveal_recbole.quick_start import run_reveal
 from reveal_recbole.registry import get_model, get_trainer
 from reveal_recbole.trainer import REVEALTrainer
+
+from conftest import assert_report_metrics
 
 
 def prepared(tiny_config, model: str, **keys):
@@ -149,3 +153,77 @@ def test_m3srec_with_avl_runs_a_training_step_with_the_avl_trainer(tiny_config):
 def test_m3srec_refuses_another_loss(tiny_config):
     with pytest.raises(ConfigError, match="BPR"):
         prepared(tiny_config, "M3SRec", loss_type="CE")
+
+
+# ----------------------------------------------------------------------------- UniSRec
+def test_unisrec_is_registered_with_the_reveal_trainer():
+    assert get_model("UniSRec") is UniSRec
+    assert get_trainer(None, "UniSRec") is REVEALTrainer
+
+
+@pytest.mark.parametrize("stage", ["transductive_ft", "inductive_ft"])
+def test_unisrec_trains_an_epoch_and_its_loss_falls(tiny_config, stage):
+    run = prepared(tiny_config, "UniSRec", train_stage=stage)
+    batch = first_batch(run)
+    with torch.no_grad():
+        start = float(run.model.eval().calculate_loss(batch))
+    run.model.train()
+    first = train_one_epoch(run)
+    for epoch in range(1, 3):
+        run.trainer._train_epoch(run.train_data, epoch)
+    with torch.no_grad():
+        end = float(run.model.eval().calculate_loss(batch))
+    assert math.isfinite(first) and end < start
+
+
+@pytest.mark.parametrize("stage", ["transductive_ft", "inductive_ft"])
+def test_unisrec_scores_items_with_their_text(tiny_config, stage):
+    run = prepared(tiny_config, "UniSRec", train_stage=stage)
+    before, after, sequences = scores_after_perturbing(run, "text", 7, [run.model.item_embedding.feature_tables])
+    assert moved_columns(before, after, users_without(sequences, 7)) == {7}
+
+
+def test_inductive_unisrec_has_no_id_table_and_scores_an_item_from_its_text_alone(tiny_config):
+    run = prepared(tiny_config, "UniSRec", train_stage="inductive_ft")
+    model = run.model.eval()
+    assert model.item_embedding.id_embedding is None
+    n_items = model.n_items
+    assert not [name for name, p in model.named_parameters() if p.shape[0] == n_items]  # no per-item parameter
+    text = model.item_embedding.feature_tables["text"]
+    with torch.no_grad():
+        text[9] = text[4]  # item 9 now reads like item 4: it must score like item 4
+        scores = model.full_sort_predict(eval_batch(run))
+    torch.testing.assert_close(scores[:, 9], scores[:, 4])
+
+
+def test_transductive_unisrec_masks_text_down_to_its_ids(tiny_config):
+    run = prepared(tiny_config, "UniSRec")
+    model = run.model.eval()
+    interaction = eval_batch(run)
+    with torch.no_grad():
+        full = model.full_sort_predict(interaction)
+        with model.item_embedding.masking(["text"]):
+            masked = model.full_sort_predict(interaction)
+            torch.testing.assert_close(model.item_embedding.weight, model.item_embedding.id_embedding.weight)
+    assert not torch.allclose(full, masked)
+    with pytest.raises(KeyError):
+        model.item_embedding.masking(["image"]).__enter__()
+
+
+@pytest.mark.parametrize("keys, match", [({"train_stage": "pretrain"}, "train_stage"),
+                                         ({"modalities": ["image", "text"]}, "one modality"),
+                                         ({"loss_type": "BPR"}, "CE")])
+def test_unisrec_refuses_what_it_cannot_do(tiny_config, keys, match):
+    with pytest.raises(ConfigError, match=match):
+        prepared(tiny_config, "UniSRec", **keys)
+
+
+# ----------------------------------------------------------------------------- the run_reveal pipeline
+@pytest.mark.parametrize("spec", [{"model": "M3SRec"}, {"model": "UniSRec", "train_stage": "inductive_ft"}])
+def test_peers_run_through_run_reveal_with_buckets_cold_split_and_utilisation(tiny_config, spec):
+    keys = dict(spec)
+    model = keys.pop("model")
+    result = run_reveal(model, "scientific", config_dict=tiny_config | keys | {"cold_item_share": 0.2})
+    assert_report_metrics(result["test_result"])
+    assert result["buckets"]["cold"]["n"] > 0
+    assert set(result["utilisation"]["drop"]) == ({"image", "text"} if model == "M3SRec" else {"text"})

@@ -7,6 +7,7 @@ from reveal_recbole.model.m3srec import M3SRec
 from reveal_recbole.model.narm_reveal import NARMREVEAL
 from reveal_recbole.model.reveal import REVEALRecommender, make_reveal_model, register_reveal_model
 from reveal_recbole.model.sasrec_reveal import SASRecREVEAL
+from reveal_recbole.model.unisrec import UniSRec
 
 __all__ = [
     "BERT4RecREVEAL",
@@ -20,6 +21,7 @@ __all__ = [
     "REVEALRecommender",
     "SASRecF",
     "SASRecREVEAL",
+    "UniSRec",
     "make_reveal_model",
     "register_reveal_model",
 ]

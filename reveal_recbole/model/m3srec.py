@@ -63,6 +63,7 @@ from reveal_recbole.errors import ConfigError
 from reveal_recbole.model.item_encoder import SCORE_WITH, SETTING_DEFAULTS, REVEALItemEncoder
 from reveal_recbole.model.reveal import REVEALRecommender
 from reveal_recbole.registry import register_model
+from reveal_recbole.trainer import REVEALTrainer
 
 MASK_VALUE = -(2.0 ** 32) + 1  # the authors' attention mask value
 
@@ -294,10 +295,4 @@ class M3SRec(SequentialRecommender):
         return -wasserstein_distance_matmul(mean, cov, item_mean, item_cov)
 
 
-def _register() -> None:
-    from reveal_recbole.trainer import REVEALTrainer
-
-    register_model(M3SRec, MultimodalSequentialDataset, REVEALTrainer)
-
-
-_register()
+register_model(M3SRec, MultimodalSequentialDataset, REVEALTrainer)
