@@ -148,17 +148,24 @@ def check_not_foreign(source: RawSource) -> None:
 def describe(stage: str, summary: dict) -> str:
     seconds = f"{summary['seconds']:.1f} s"
     if stage == "fetch":
-        return f"{summary['fetched_bytes'] / 2**20:,.1f} MiB fetched, {summary['raw_bytes'] / 2**20:,.1f} MiB in " \
-               f"{summary['raw_dir']}, {seconds}"
+        fetched, raw = size(summary["fetched_bytes"]), size(summary["raw_bytes"])
+        return f"{fetched} fetched, {raw} in {summary['raw_dir']}, {seconds}"
     if stage == "convert":
         counts = ", ".join(f"{summary[key]:,} {key}" for key in COUNTS)
         check = summary.get("published_check", "")
         return f"{counts}{f' ({check})' if check else ''}, {seconds}"
     if stage == "images":
         return (f"{summary['downloaded']:,} downloaded, {summary['present']:,} already there, {summary['failed']:,} "
-                f"failed of {summary['items']:,} items; {summary['image_bytes'] / 2**20:,.1f} MiB, {seconds}")
+                f"failed of {summary['items']:,} items; {size(summary['image_bytes'])} in images/, {seconds}")
     return "; ".join(f"{m} {d['encoder']} {d['dim']}-d, {d['encoded']:,} encoded, {d['cached']:,} cached, "
                      f"{d['fallback']:,} fallback" for m, d in summary["modalities"].items()) + f"; {seconds}"
+
+
+def size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:,} B"
 
 
 # ----------------------------------------------------------------------------- 1. fetch
@@ -174,9 +181,11 @@ def fetch_file(url: str, dest: Path, stage: str) -> int:
     """``url`` into ``dest`` through ``dest.part`` (resumed with a Range request); the bytes fetched now."""
     if dest.is_file():
         return 0
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in ("http", "https"):
+        probe(url)  # offline: one fast failure, before anything is created
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    scheme = urlsplit(url).scheme.lower()
     if scheme == "file":
         local = Path(urllib.request.url2pathname(urlsplit(url).path))
         if not local.is_file():
@@ -185,7 +194,6 @@ def fetch_file(url: str, dest: Path, stage: str) -> int:
         shutil.copyfile(local, part)
         fetched = local.stat().st_size
     elif scheme in ("http", "https"):
-        probe(url)
         fetched = download_to_part(url, part, stage)
     else:
         raise PreparationError(f"{stage}: {url}: unsupported URL scheme {scheme!r} (http, https or file)")

@@ -135,7 +135,7 @@ def test_sports_end_to_end(tmp_path, monkeypatch, server, tiny_bert):  # noqa: F
     assert list((tmp_path / "saved").glob("SASRecREVEAL-*.pth"))
     ((dataset, inter_num),) = seen
     assert Path(dataset.config["data_path"]) == folder
-    assert dataset.config["prepare_commands"][0].startswith("python dataset_prep/convert_amazon.py")  # sports.yaml
+    assert dataset.config["raw_urls"]["reviews"].endswith("/reviews_Sports_and_Outdoors_5.json.gz")  # sports.yaml
     item_tokens = list(dataset.field2id_token["item_id"][1:])  # id 0: RecBole's padding item
     assert sorted(item_tokens) == sorted(inter_items) and dataset.user_num - 1 == len(USERS)
     assert inter_num == len(USERS) * PER_USER
