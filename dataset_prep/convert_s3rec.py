@@ -26,13 +26,18 @@ to last as the validation target, as S3-Rec, P5 and the papers that report on th
 Published sizes (checked on the real files): Sports 35,598 users, 18,357 items, 296,337
 interactions; Beauty 22,363 / 12,101 / 198,502; Toys 19,412 / 11,924 / 167,597.
 
-Usage::
+The files are public in https://github.com/RUCAIBox/CIKM2020-S3Rec, folder ``data/``
+(``Sports_and_Outdoors.txt``, ``Beauty.txt``, ``Toys_and_Games.txt``; no datamaps there, so the ids
+stay the S3-Rec integers). Usage::
 
-    python dataset_prep/convert_s3rec.py --src ../shared/data/amazon_sports_5core_2014 --name sports
-    python dataset_prep/convert_s3rec.py --src ../shared/data/amazon_beauty_5core_2014 --name beauty
-    python dataset_prep/convert_s3rec.py --src ../shared/data/amazon_toys_5core_2014 --name toys
+    curl -fL --create-dirs -o raw/s3rec_sports/Sports_and_Outdoors.txt \
+        https://raw.githubusercontent.com/RUCAIBox/CIKM2020-S3Rec/master/data/Sports_and_Outdoors.txt
+    python dataset_prep/convert_s3rec.py --src raw/s3rec_sports --name sports
+    python dataset_prep/convert_s3rec.py --src raw/s3rec_beauty --name beauty   # Beauty.txt
+    python dataset_prep/convert_s3rec.py --src raw/s3rec_toys --name toys       # Toys_and_Games.txt
 
-(``--out`` defaults to ``dataset/<name>``.)
+(``--out`` defaults to ``dataset/<name>``.) For text and images too, ``run_reveal.py --dataset=sports``
+prepares the set from the raw Amazon files (README "Datasets").
 """
 from __future__ import annotations
 

@@ -34,8 +34,8 @@ Output (``--out``), all keyed by the item's ASIN, never by row order:
 
 Usage::
 
-    python dataset_prep/convert_unisrec.py --src ../shared/data/amazon_scientific_mm_decorec \
-        --out reveal_recbole/dataset_example/scientific --name scientific
+    python dataset_prep/convert_unisrec.py --src raw/decorec/dataset/downstream/Scientific \
+        --out reveal_recbole/dataset_example/scientific --name scientific   # github.com/KIKIENAO/decorec
     python dataset_prep/convert_unisrec.py --src downstream/Office --name office --feature feat1CLS=text
 """
 from __future__ import annotations

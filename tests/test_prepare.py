@@ -265,3 +265,19 @@ def test_a_configured_hub_encoder_without_weights_or_network_falls_back_to_the_o
     assert "offline EfficientNet-Lite0" in caplog.text
     assert prepare.usable_image_encoder("efficientnet-onnx", None) == ("efficientnet-onnx", None)
 
+
+
+def test_an_id_only_model_needs_fetch_and_convert_only_and_a_foreign_inter_is_never_overwritten(mini, tmp_path):
+    app, config = mini
+    dataset = create_dataset(Config(model="SASRec", dataset=NAME, config_dict=config))
+    assert dataset.user_num - 1 == len(USERS) and dataset.inter_num == COUNTS["interactions"]
+    folder = tmp_path / "data" / NAME
+    assert sorted(p.name for p in (folder / prepare.MARKER_DIR).iterdir()) == ["convert.json", "fetch.json"]
+    assert set(app.counts) == {REVIEWS, META}  # no image asked for
+
+    other = tmp_path / "other"  # a .inter made another way (e.g. convert_s3rec.py), and a REVEAL run needs features
+    (other / NAME).mkdir(parents=True)
+    (folder / f"{NAME}.inter").rename(other / NAME / f"{NAME}.inter")
+    with pytest.raises(DatasetNotPreparedError, match="exists but was not made from the raw files"):
+        create_dataset(Config(model="SASRecREVEAL", dataset=NAME, config_dict=config | {"data_path": str(other)}))
+    assert set(app.counts) == {REVIEWS, META} and not (other / NAME / "raw").exists()
