@@ -5,6 +5,7 @@
     python run_reveal.py --model=SASRecREVEAL --nproc=2   # 2-process DDP (gloo on CPU, NCCL with --gpu_id=0,1)
     python run_reveal.py --model="SASRec,SASRecREVEAL[avl=False],SASRecREVEAL" --seeds=2020,2021,2022
     python run_reveal.py --model=SASRecREVEAL --dataset=synthetic --fve_rounds=2   # FVE loop (README "FVE")
+    python run_reveal.py --model=peers --dataset=scientific --seeds=2020,2021,2022   # README "Multimodal peers"
 
 Unknown ``--key=value`` arguments are RecBole config overrides (e.g. ``--epochs=50``).
 """
@@ -14,7 +15,7 @@ import sys
 
 import yaml
 
-from reveal_recbole.comparison import compare
+from reveal_recbole.comparison import compare, expand_suites
 from reveal_recbole.config import Config
 from reveal_recbole.errors import UserInputError
 from reveal_recbole.fve.loop import run_fve
@@ -28,7 +29,7 @@ def main(argv=None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--model", "-m", default="SASRecREVEAL",
-                        help="model name, or a comma-separated list to compare")
+                        help="model name, or a comma-separated list to compare; a suite (peers) stands for its list")
     parser.add_argument("--dataset", "-d", default="scientific", help="dataset name")
     parser.add_argument("--config_files", default=None, help="space-separated yaml config files")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds: compare runs every model once per seed")
@@ -43,7 +44,7 @@ def main(argv=None) -> None:
     args, _ = parser.parse_known_args(argv)
 
     config_files = args.config_files.split() if args.config_files else None
-    models = [m.strip() for m in re.split(r",(?![^\[]*\])", args.model) if m.strip()]
+    models = expand_suites([m.strip() for m in re.split(r",(?![^\[]*\])", args.model) if m.strip()])
     try:
         single = len(models) == 1 and args.seeds is None and "[" not in models[0]
         if not single and (args.nproc > 1 or args.world_size > 0):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import re
 import statistics
 import time
@@ -23,6 +24,13 @@ from reveal_recbole.errors import ConfigError, UserInputError
 from reveal_recbole.quick_start import run_reveal
 
 REPORT_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+# Named model lists for compare (``--model=peers``): each name expands to its specs, in this order.
+# peers: the ID-only baseline, REVEAL, the training-free feature baseline, RecBole's feature-aware
+# models and the package's multimodal peers on the same features, then "peer + REVEAL" rows.
+SUITES: dict[str, tuple[str, ...]] = {
+    "peers": ("SASRec", "SASRecREVEAL", "FeatureKNN", "SASRecF", "FDSA", "GRU4RecF", "UniSRec", "M3SRec",
+              "SASRecF[avl=True]", "M3SRec[avl=True]"),
+}
 BUCKET_METRICS = ("ndcg@10", "recall@20")
 TABLE_BUCKETS = ("all", "warm", "cold", "head", "torso", "tail")
 
@@ -39,6 +47,29 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
             raise ConfigError(f"bad override {pair!r} in model spec {spec!r}: expected key=value")
         overrides[key.strip()] = yaml.safe_load(value.strip())
     return match.group(1), overrides
+
+
+def expand_suites(specs: list[str]) -> list[str]:
+    """Replace each suite name (:data:`SUITES`) by its model specs; a spec listed twice runs once.
+
+    A suite's model that does not resolve here (a peer this installation lacks) is left out, logged.
+    """
+    from reveal_recbole.errors import UnknownModelError
+    from reveal_recbole.registry import get_model
+
+    expanded = []
+    for spec in specs:
+        if spec not in SUITES:
+            expanded.append(spec)
+            continue
+        for member in SUITES[spec]:
+            try:
+                get_model(parse_model_spec(member)[0])
+            except UnknownModelError:
+                logging.getLogger(__name__).warning(f"suite {spec}: {member} is not available here: left out")
+                continue
+            expanded.append(member)
+    return list(dict.fromkeys(expanded))
 
 
 def summarise(results: dict[str, list[dict]], metrics=REPORT_METRICS) -> list[dict]:
@@ -103,12 +134,16 @@ def bucket_table(summary: list[dict], metrics=BUCKET_METRICS) -> list[list[str]]
 
 
 def relative_improvement(summary: list[dict], metric: str) -> dict[str, float]:
-    """For each ``XREVEAL[...]`` row, its relative gain in ``metric`` over the row named ``X``."""
+    """For each ``XREVEAL[...]`` row, its relative gain in ``metric`` over the row named ``X``; for each
+    other ``X[...]`` row (a peer with REVEAL's parts switched on, ``SASRecF[avl=True]``), over the row ``X``."""
     by_label = {row["model"]: row for row in summary}
     gains = {}
     for row in summary:
-        name, _ = parse_model_spec(row["model"])
-        backbone = by_label.get(name[: -len("REVEAL")]) if name.endswith("REVEAL") else None
+        name, overrides = parse_model_spec(row["model"])
+        if name.endswith("REVEAL"):
+            backbone = by_label.get(name[: -len("REVEAL")])
+        else:
+            backbone = by_label.get(name) if overrides else None
         if backbone and backbone[metric] > 0:
             gains[row["model"]] = row[metric] / backbone[metric] - 1.0
     return gains

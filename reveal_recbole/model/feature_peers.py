@@ -42,6 +42,7 @@ from torch import nn
 from reveal_recbole.data.feature_fields import FIELD_SUFFIX, FeatureFieldsDataset, feature_field, selected_features
 from reveal_recbole.errors import ConfigError
 from reveal_recbole.registry import register_model
+from reveal_recbole.trainer import REVEALTrainer
 
 
 def dense_fields(dataset, fields: Iterable[str]) -> list[str]:
@@ -115,12 +116,42 @@ class DenseFeatureSeqEmbLayer(FeatureSeqEmbLayer):
         return sparse, dense
 
 
+class FeatureAwareItemTable(nn.Embedding):
+    """The model's ID table (the same parameter), which also answers for the model's feature inputs.
+
+    AVL, the masked-modality diagnostics and the target buckets reach a model's modalities through
+    ``model.item_embedding`` (``modalities``, ``masking``, ``modality_parameters``, ``score_with``), as
+    on the REVEAL encoder. Here the features live in ``feature_embed_layer``; this table delegates to
+    it. ``score_with = "id"``: these models score candidates with the ID rows, so a cold item's
+    features never reach its own score (only a sequence that holds it).
+    """
+
+    score_with = "id"
+
+    def __init__(self, table: nn.Embedding, features: DenseFeatureSeqEmbLayer):
+        super().__init__(table.num_embeddings, table.embedding_dim, padding_idx=table.padding_idx)
+        self.weight = table.weight  # the backbone's own table, its initialisation kept
+        self.__dict__["features"] = features  # a reference, not a submodule: the layer belongs to the model
+
+    @property
+    def modalities(self) -> list[str]:
+        return self.features.modalities
+
+    def masking(self, modalities: Iterable[str]):
+        return self.features.masking(modalities)
+
+    def modality_parameters(self, modality: str) -> list[nn.Parameter]:
+        return self.features.modality_parameters(modality)
+
+
 class DenseFeatureFields:
     """Mixin placed before RecBole's SASRecF, FDSA or GRU4RecF: item fields through :class:`DenseFeatureSeqEmbLayer`.
 
     ``selected_features: ~`` (this package's default for them) means the configured modalities'
     fields. The layer (and the width of whatever reads its output) is rebuilt after RecBole's
-    ``__init__``, initialised as the model initialises its layers.
+    ``__init__``, initialised as the model initialises its layers. With the REVEAL trainer, AVL
+    (``avl: True``) re-weights the image projection's gradients as it does the REVEAL encoder's,
+    masking a modality by zeroing its rows.
     """
 
     def __init__(self, config, dataset):
@@ -140,6 +171,9 @@ class DenseFeatureFields:
         self.feature_embed_layer = layer
         self.fit_feature_width(layer.num_feature_field["item"])
         layer.apply(self.initialise)
+        self.item_embedding = FeatureAwareItemTable(self.item_embedding, layer)
+        # AVL's running means (mean L_v, mean L_t, count), as on the REVEAL models: checkpoints carry them
+        self.register_buffer("avl_running_losses", torch.zeros(3, dtype=torch.float64))
         # RecBole lists the layer as an "other parameter", so every checkpoint pickles it with its dataset;
         # its learned parts are in the state dict and its tables come from the dataset when the model is built
         self.other_parameter_name = []
@@ -183,4 +217,4 @@ class GRU4RecF(DenseFeatureFields, RecBoleGRU4RecF):
 
 FEATURE_PEERS = (SASRecF, FDSA, GRU4RecF)
 for _model in FEATURE_PEERS:
-    register_model(_model, FeatureFieldsDataset)
+    register_model(_model, FeatureFieldsDataset, REVEALTrainer)
