@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from reveal_recbole.config import Config
 from reveal_recbole.errors import ConfigError
@@ -13,6 +14,7 @@ from reveal_recbole.model.unisrec import UniSRec
 from reveal_recbole.pipeline import prepare_run
 from reveal_recbole.quick_start import run_reveal
 from reveal_recbole.registry import get_model, get_trainer
+from reveal_recbole.resources import properties_dir
 from reveal_recbole.trainer import REVEALTrainer
 
 from conftest import assert_report_metrics
@@ -148,6 +150,15 @@ def test_m3srec_with_avl_runs_a_training_step_with_the_avl_trainer(tiny_config):
     assert math.isfinite(float(loss))
     assert float(run.model.avl_running_losses[2]) >= 1  # masked losses folded in at least once
     assert all(math.isfinite(float(v)) for v in run.model.avl_running_losses[:2])
+
+
+def test_m3srec_yaml_keeps_the_reveal_defaults_for_avl_fve_and_the_diagnostics():
+    """M3SRec is not a *REVEAL model, so reveal_base.yaml is not loaded for it: its yaml repeats those keys."""
+    base = yaml.safe_load((properties_dir() / "reveal_base.yaml").read_text(encoding="utf-8"))
+    ours = yaml.safe_load((properties_dir() / "model" / "M3SRec.yaml").read_text(encoding="utf-8"))
+    shared = [k for k in base if k.startswith(("avl", "fve_", "utilisation", "visual_", "diagnostics", "image_dir"))]
+    assert len(shared) > 20
+    assert {k: ours.get(k, "missing") for k in shared} == {k: base[k] for k in shared}
 
 
 def test_m3srec_refuses_another_loss(tiny_config):
