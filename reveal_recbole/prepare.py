@@ -16,7 +16,8 @@ in order, each through the existing ``dataset_prep`` code, in ``<data_path>/``:
 
 A stage is done when its marker ``.prepare/<stage>.json`` exists (written atomically once all its
 outputs are complete, holding its summary) and its outputs are there: a killed run restarts at the
-first stage not done, and a rerun of a finished preparation fetches nothing. ID-only models need
+first stage not done, and a rerun of a finished preparation fetches nothing. A stage that runs
+removes the later stages' markers (they were made from what it replaces). ID-only models need
 stages 1-2 only. Offline, the first request fails after ``CONNECT_TIMEOUT`` seconds and the run stops
 with the commands that do the same by hand (``download: never`` prints them at once).
 """
@@ -38,7 +39,7 @@ from urllib.parse import urlsplit
 from tqdm import tqdm
 
 from reveal_recbole.atomic import atomic_write_text
-from reveal_recbole.data.dataset import configured_modalities, missing_files, not_prepared_error
+from reveal_recbole.data.dataset import configured_modalities, feature_dir, missing_files, not_prepared_error
 from reveal_recbole.data.sources import COUNTS, RawSource, download_mode, raw_source
 from reveal_recbole.errors import DatasetNotPreparedError, PreparationError
 
@@ -76,7 +77,7 @@ def prepare_missing(config, multimodal: bool) -> None:
         raise not_prepared_error(config, multimodal, missing,
                                  "a multi-process run does not prepare datasets: run one process first")
     try:
-        prepare(source, modalities, image_encoder_setting(config), str(config["device"]))
+        prepare(source, modalities, image_encoder_setting(config), str(config["device"]), feature_dir(config))
     except Unreachable as error:
         raise not_prepared_error(config, multimodal, missing_files(config, multimodal),
                                  f"download: auto {error}") from None
@@ -91,8 +92,10 @@ def image_encoder_setting(config) -> tuple[str | None, str | None]:
 
 # ----------------------------------------------------------------------------- the stages
 def prepare(source: RawSource, modalities: list[str], image_encoder: tuple[str | None, str | None] = (None, None),
-            device: str = "cpu") -> dict[str, dict]:
-    """Run the stages not done yet (fetch and convert; images and features when ``modalities`` ask for them)."""
+            device: str = "cpu", features_out: Path | None = None) -> dict[str, dict]:
+    """Run the stages not done yet (fetch and convert; images and features when ``modalities`` ask for them);
+    the feature files go to ``features_out`` (the config's ``feature_dir``; default the dataset folder)."""
+    features_out = Path(features_out or source.folder)
     stages = list(STAGES[:2])
     if "image" in modalities and "meta" in source.urls:
         stages.append("images")
@@ -103,28 +106,33 @@ def prepare(source: RawSource, modalities: list[str], image_encoder: tuple[str |
     for number, stage in enumerate(stages, start=1):
         label = f"prepare {source.name} [{number}/{len(stages)} {stage}]"
         marker = source.folder / MARKER_DIR / f"{stage}.json"
-        outputs = stage_outputs(source, stage, modalities)
+        started = marker.with_suffix(".started")
+        outputs = stage_outputs(source, stage, modalities, features_out)
         if marker.is_file() and all(path.exists() for path in outputs):
             summaries[stage] = json.loads(marker.read_text(encoding="utf-8"))
             logger.info("%s: done before (%s)", label, marker)
             continue
+        for later in STAGES[STAGES.index(stage) + 1:]:  # made from what this stage is about to replace
+            (source.folder / MARKER_DIR / f"{later}.json").unlink(missing_ok=True)
         start = time.perf_counter()
         if stage == "fetch":
             summary = fetch(source)
         elif stage == "convert":
+            atomic_write_text(started, "")  # the .inter about to appear is this preparation's
             summary = convert(source)
         elif stage == "images":
             summary = images(source)
         else:
-            summary = features(source, modalities, *image_encoder, device)
+            summary = features(source, modalities, *image_encoder, device, features_out)
         summary["seconds"] = round(time.perf_counter() - start, 2)
         atomic_write_text(marker, json.dumps(summary, indent=1) + "\n")
+        started.unlink(missing_ok=True)
         summaries[stage] = summary
         logger.info("%s: %s", label, describe(stage, summary))
     return summaries
 
 
-def stage_outputs(source: RawSource, stage: str, modalities: list[str]) -> list[Path]:
+def stage_outputs(source: RawSource, stage: str, modalities: list[str], features_out: Path) -> list[Path]:
     name, folder = source.name, source.folder
     if stage == "fetch":
         return [source.raw_path(kind) for kind in source.urls]
@@ -132,13 +140,13 @@ def stage_outputs(source: RawSource, stage: str, modalities: list[str]) -> list[
         return [folder / f"{name}.inter", folder / f"{name}.item"]
     if stage == "images":
         return [folder / "images"]
-    return [folder / f"{name}.{m}.{ext}" for m in modalities for ext in ("npy", "items")]
+    return [features_out / f"{name}.{m}.{ext}" for m in modalities for ext in ("npy", "items")]
 
 
 def check_not_foreign(source: RawSource) -> None:
     """Never overwrite a ``.inter`` this preparation did not write (e.g. one converted from the S3-Rec files)."""
     inter, marker = source.folder / f"{source.name}.inter", source.folder / MARKER_DIR / "convert.json"
-    if inter.is_file() and not marker.is_file():
+    if inter.is_file() and not marker.is_file() and not marker.with_suffix(".started").is_file():
         raise DatasetNotPreparedError(
             f"{inter} exists but was not made from the raw files (no {marker}), and the run needs more: move it "
             "away to prepare the dataset from the raw files, or make the missing files by hand (README \"Datasets\")"
@@ -347,12 +355,13 @@ def images(source: RawSource) -> dict:
 
 
 # ----------------------------------------------------------------------------- 4. features
-def features(source: RawSource, modalities: list[str], kind: str | None, model: str | None, device: str) -> dict:
+def features(source: RawSource, modalities: list[str], kind: str | None, model: str | None, device: str,
+             out: Path | None = None) -> dict:
     from dataset_prep.extract_features import ExtractError, extract
 
     image_kind, image_model = usable_image_encoder(kind, model) if "image" in modalities else (None, None)
     try:
-        results = extract(source.folder, source.name, ",".join(modalities), image_encoder=image_kind,
+        results = extract(source.folder, source.name, ",".join(modalities), out=out, image_encoder=image_kind,
                           image_model=image_model, device=device, show_progress=True)
     except ExtractError as error:
         raise PreparationError(f"features: {error}") from None
@@ -371,7 +380,7 @@ def usable_image_encoder(kind: str | None, model: str | None) -> tuple[str | Non
         path = Path(model or "saved/aligner/aligner.pt")
         reason = None if path.is_file() else f"no alignment head at {path}"
     else:
-        from reveal_recbole.fve.loop import default_encoder_model
+        from dataset_prep.extract_features import default_encoder_model  # FVE's, as the extraction uses it
 
         model = model or default_encoder_model(kind)
         reason = None if Path(model).expanduser().is_dir() or hub_cached(model) else hub_unreachable()

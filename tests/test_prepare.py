@@ -281,3 +281,23 @@ def test_an_id_only_model_needs_fetch_and_convert_only_and_a_foreign_inter_is_ne
     with pytest.raises(DatasetNotPreparedError, match="exists but was not made from the raw files"):
         create_dataset(Config(model="SASRecREVEAL", dataset=NAME, config_dict=config | {"data_path": str(other)}))
     assert set(app.counts) == {REVIEWS, META} and not (other / NAME / "raw").exists()
+
+
+def test_killed_between_the_converted_files_and_the_marker_converts_again(mini, monkeypatch):
+    app, config = mini
+    source = raw_source(Config(model="SASRec", dataset=NAME, config_dict=config))
+    real = prepare.convert
+
+    def converted_then_killed(source):
+        real(source)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "convert", converted_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(source, [])
+    assert (source.folder / f"{NAME}.inter").is_file() and not (source.folder / ".prepare" / "convert.json").exists()
+    monkeypatch.setattr(prepare, "convert", real)
+    summaries = prepare.prepare(source, [])  # its own .inter, not a foreign one: converted again
+    assert summaries["convert"]["interactions"] == COUNTS["interactions"]
+    assert sorted(p.name for p in (source.folder / ".prepare").iterdir()) == ["convert.json", "fetch.json"]
+    assert app.counts[REVIEWS] == app.counts[META] == 1
