@@ -6,7 +6,9 @@ subclassing (``Config``, the trainers, the dataset class) and reaches past its p
 1. :func:`publish_model`: a REVEAL model, its dataset class and trainer are added to RecBole's own
    lookups (a ``recbole.model.sequential_recommender.<name>`` module alias, ``recbole.data.dataset.
    <Model>Dataset``, ``recbole.trainer.<Model>Trainer``), so ``run_recbole``, ``objective_function`` and
-   ``HyperTuning`` find them by name.
+   ``HyperTuning`` find them by name. :func:`dataset_class_in_use`: RecBole's ``create_dataset`` builds
+   our dataset class for a model that keeps a RecBole name (the feature peers' ``SASRecF``), which is
+   published nowhere in RecBole, so RecBole's own runs of its ``SASRecF`` stay RecBole's.
 2. :func:`add_defaults_to_recbole_config`: RecBole's own ``Config`` loads the REVEAL models' yaml
    defaults (``_load_internal_config_dict``), so ``run_recbole(model="SASRecREVEAL")`` needs no
    extra keys; negative sampling follows the loss type (:func:`sampling_for_loss`).
@@ -87,20 +89,47 @@ def publish_model(model_class: type, dataset_class: type | None = None, trainer_
 
     Returns the alias module's name, which is also what the class's ``__module__`` should be so
     that checkpoints can pickle it. A subclass under one of RecBole's own model names (the feature
-    peers' ``SASRecF``) gets no alias: RecBole's module stays, and RecBole's lookups keep its model.
+    peers' ``SASRecF``) is not published: RecBole's lookups keep RecBole's model, dataset class and
+    trainer (our lookups and :func:`dataset_class_in_use` find ours).
     """
     name = model_class.__name__
     alias = f"recbole.model.sequential_recommender.{name.lower()}"
-    if not hasattr(importlib.import_module("recbole.model.sequential_recommender"), name):
-        module = types.ModuleType(alias, f"RecBole alias of {name}")
-        module.__spec__ = importlib.machinery.ModuleSpec(alias, None)  # RecBole's get_model uses find_spec
-        setattr(module, name, model_class)
-        sys.modules[alias] = module
+    if hasattr(importlib.import_module("recbole.model.sequential_recommender"), name):
+        return alias
+    module = types.ModuleType(alias, f"RecBole alias of {name}")
+    module.__spec__ = importlib.machinery.ModuleSpec(alias, None)  # RecBole's get_model uses find_spec
+    setattr(module, name, model_class)
+    sys.modules[alias] = module
     if dataset_class is not None:
         setattr(importlib.import_module("recbole.data.dataset"), f"{name}Dataset", dataset_class)
     if trainer_class is not None:
         setattr(importlib.import_module("recbole.trainer"), f"{name}Trainer", trainer_class)
     return alias
+
+
+@contextlib.contextmanager
+def dataset_class_in_use(model_name: str, dataset_class: type) -> Iterator[None]:
+    """Within the block, RecBole's ``create_dataset`` builds (and caches) ``dataset_class`` for ``model_name``.
+
+    RecBole picks the class by ``<model>Dataset`` in ``recbole.data.dataset``; a model that keeps a
+    RecBole name (the feature peers) is not published there (:func:`publish_model`), so its class is
+    put in place for the one call and the previous binding restored. A no-op when RecBole would
+    pick ``dataset_class`` anyway.
+    """
+    module = importlib.import_module("recbole.data.dataset")
+    attr = f"{model_name}Dataset"
+    previous = getattr(module, attr, None)
+    if previous is dataset_class or previous is None and dataset_class in (module.SequentialDataset, module.Dataset):
+        yield
+        return
+    setattr(module, attr, dataset_class)
+    try:
+        yield
+    finally:
+        if previous is None:
+            delattr(module, attr)
+        else:
+            setattr(module, attr, previous)
 
 
 # ----------------------------------------------------------------------------- 2. RecBole's Config

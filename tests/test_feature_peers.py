@@ -6,6 +6,7 @@ and the masked-modality diagnostics reach them; the ``peers`` suite expands to w
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
@@ -143,7 +144,11 @@ def test_modality_and_field_keys(tiny_config):
 
 
 def test_recboles_own_lookups_keep_recboles_models(tiny_config):
+    """RecBole's run_recbole(model="SASRecF") stays RecBole's: model, dataset class, trainer and defaults."""
     assert recbole_get_model("SASRecF") is RecBoleSASRecF
+    for name in PEERS:
+        assert not hasattr(importlib.import_module("recbole.data.dataset"), f"{name}Dataset")
+        assert not hasattr(importlib.import_module("recbole.trainer"), f"{name}Trainer")
     config = RecBoleConfig(model="SASRecF", dataset=DATASET, config_dict=tiny_config | {"train_neg_sample_args": None})
     assert config["modalities"] is None and config["selected_features"] == ["class"]
 

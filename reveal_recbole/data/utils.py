@@ -5,6 +5,7 @@ from logging import getLogger
 
 from recbole.data import create_dataset as recbole_create_dataset
 
+from reveal_recbole import recbole_seam
 from reveal_recbole.data.cold_start import hold_out_cold_items
 from reveal_recbole.data.dataset import (
     MultimodalSequentialDataset,
@@ -23,7 +24,8 @@ def create_dataset(config):
     prepare_missing(config, multimodal)
     if not multimodal:
         require_dataset_files(config, multimodal=False)  # the multimodal class runs these checks itself
-    dataset = recbole_create_dataset(config)
+    with recbole_seam.dataset_class_in_use(config["model"], get_dataset_class(config)):  # ours, where RecBole's name
+        dataset = recbole_create_dataset(config)
     cold = hold_out_cold_items(dataset, config)  # before RecBole's split, so every model sees the same cold split
     if cold is not None:
         getLogger().info(
