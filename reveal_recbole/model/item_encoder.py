@@ -51,7 +51,7 @@ COLD_ITEMS = ("auto", "neighbour", "features", "train")
 # encoder keys newer than some saved checkpoints: a saved config without them gets these
 SETTING_DEFAULTS = {
     "score_with": "fused", "id_dropout": 0.0, "moe_shared_experts": 2, "moe_specific_experts": 4, "moe_low_rank": 4,
-    "feature_width": None,
+    "feature_width": None, "id_shrinkage": 0.0,
 }
 
 
@@ -100,6 +100,16 @@ def weighted_sum(parts: list[torch.Tensor], weights: torch.Tensor) -> torch.Tens
 def _mix(experts: nn.ModuleList, router: nn.Sequential, expert_input: torch.Tensor, router_input: torch.Tensor):
     weights = torch.softmax(router(router_input), dim=-1)  # (rows, experts)
     return weighted_sum([expert(expert_input) for expert in experts], weights)
+
+
+def id_count_scale(training_counts: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """``n / (n + shrinkage)`` per ID row, ``n`` its training interactions; rows that are not items (-1) keep 1.
+
+    The weight a row's ID gets against its features: 0 for an item never trained on, half at
+    ``shrinkage`` interactions, towards 1 for popular items (a shrinkage estimate's weight).
+    """
+    counts = training_counts.to(torch.float32)
+    return torch.where(counts < 0, torch.ones_like(counts), counts / (counts.clamp(min=0) + shrinkage))
 
 
 class FeatureDropout(nn.Dropout):
@@ -252,6 +262,10 @@ class REVEALItemEncoder(nn.Module):
             features (the authors' choice: their ``predict_full`` reads ``item_embeddings.weight``).
         id_dropout: in training, each item's ID part is zeroed with this probability, so the
             model must also recognise items by their features (keeps the IDs from crowding them out).
+        id_shrinkage: ``k``: each item's ID part is scaled by ``n / (n + k)``, ``n`` its training
+            interactions (``training_counts``), so an item is carried by its features in proportion
+            to how little its ID row could learn: a cold item (``n = 0``) by its features alone, a
+            popular one by both. 0 = off. Needs ``training_counts`` and a modality.
         training_counts: training interactions per row of the ID table (the training split's);
             -1 for rows that are not items (padding, BERT4Rec's mask token). Rows with 0 are cold.
         cold_items: ``train``: cold items are trained like any item (as negatives only);
@@ -278,6 +292,7 @@ class REVEALItemEncoder(nn.Module):
         feature_norm: str = "l2",
         score_with: str = "fused",
         id_dropout: float = 0.0,
+        id_shrinkage: float = 0.0,
         training_counts: torch.Tensor | None = None,
         cold_items: str = "train",
         cold_item_neighbours: int = 2,
@@ -301,6 +316,11 @@ class REVEALItemEncoder(nn.Module):
             raise ConfigError(
                 "id_dropout needs at least one modality: without features a dropped ID leaves a zero item"
             )
+        if isinstance(id_shrinkage, bool) or not isinstance(id_shrinkage, (int, float)) or id_shrinkage < 0:
+            raise ConfigError(f"id_shrinkage must be a number >= 0 (0 = off), got {id_shrinkage!r}")
+        if id_shrinkage > 0 and (not item_features or training_counts is None):
+            raise ConfigError("id_shrinkage needs at least one modality and the training counts: a shrunk ID "
+                              "leaves the features to carry the item")
         if cold_items not in COLD_ITEMS[1:]:
             raise ConfigError(f"cold_items must be one of {COLD_ITEMS[1:]}, got {cold_items!r}")
         neighbours = cold_item_neighbours
@@ -345,6 +365,10 @@ class REVEALItemEncoder(nn.Module):
         self.cold_item_neighbours = cold_item_neighbours
         self.register_buffer("cold_rows", cold_rows, persistent=False)
         self.register_buffer("warm_rows", None if cold_rows is None else training_counts > 0, persistent=False)
+        self.id_shrinkage = float(id_shrinkage)
+        self.register_buffer("training_counts", training_counts, persistent=False)
+        self.register_buffer("id_scale", id_count_scale(training_counts, id_shrinkage) if id_shrinkage > 0 else None,
+                             persistent=False)
         self.feature_tables = FeatureTables(feature_trainable)
         self.projections = nn.ModuleDict()
         self.missing_vectors = nn.ParameterDict()
@@ -472,9 +496,12 @@ class REVEALItemEncoder(nn.Module):
 
         A dropped row is zeroed without rescaling the kept ones: at evaluation every item has its
         ID, a case training also sees, rather than a 1/(1-p)-scaled ID training never matched.
-        Cold items (``cold_items`` other than ``train``) have no ID part of their own.
+        Cold items (``cold_items`` other than ``train``) have no ID part of their own; with
+        ``id_shrinkage`` every row is scaled by its item's count (:func:`id_count_scale`).
         """
         weight = self.id_embedding.weight
+        if self.id_scale is not None:
+            weight = weight * self.id_scale.unsqueeze(1)
         kept = None if self.cold_rows is None else ~self.cold_rows
         if self.training and self.id_dropout > 0:
             drawn = torch.rand(weight.shape[0], device=weight.device) >= self.id_dropout
@@ -533,7 +560,10 @@ class REVEALItemEncoder(nn.Module):
         parts, kept = self.modality_parts(id_rows)
         if self.cold_items == "neighbour" and not self.training:  # cold items borrow from the warm items they resemble
             neighbours = self.nearest_warm_items(self.fuse([torch.zeros_like(id_rows), *parts], [False, *kept]))
-            id_rows, id_kept = id_rows.index_put((self.cold_rows,), self.id_embedding.weight[neighbours].mean(1)), None
+            lent = self.id_embedding.weight[neighbours]
+            if self.id_scale is not None:  # what the neighbours' IDs contribute to their own rows
+                lent = lent * self.id_scale[neighbours].unsqueeze(2)
+            id_rows, id_kept = id_rows.index_put((self.cold_rows,), lent.mean(1)), None
             if any(hasattr(self, f"loaded_{m}") for m in self.modalities):
                 parts, kept = self.modality_parts(id_rows, neighbours)
         table = self.fuse([id_rows, *parts], [id_kept, *kept])
@@ -601,6 +631,8 @@ class REVEALItemEncoder(nn.Module):
         full table draws it; cold-item handling (which needs every row) keeps the full table.
         """
         id_rows = self.id_embedding.weight[ids]
+        if self.id_scale is not None:
+            id_rows = id_rows * self.id_scale[ids].unsqueeze(1)
         id_kept = None
         if self.training and self.id_dropout > 0:
             id_kept = torch.rand(len(ids), device=id_rows.device) >= self.id_dropout

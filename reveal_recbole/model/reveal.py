@@ -16,9 +16,11 @@ class is built and again when the model is, and refuses the others with a ``Back
 """
 from __future__ import annotations
 
+import inspect
 from logging import getLogger
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from reveal_recbole.data.cold_start import training_item_counts
@@ -26,6 +28,7 @@ from reveal_recbole.data.dataset import configured_modalities
 from reveal_recbole.errors import ConfigError
 from reveal_recbole.model.contract import check_backbone, check_backbone_data, check_item_tables, item_table
 from reveal_recbole.model.item_encoder import COLD_ITEMS, REVEALItemEncoder, encoder_settings
+from reveal_recbole.model.neighbour_term import FeatureNeighbourTerm
 
 
 class REVEALRecommender:
@@ -38,6 +41,7 @@ class REVEALRecommender:
         super().__init__(config, dataset)
         self.item_embedding = self.build_item_encoder(config, dataset, item_table(self))
         check_item_tables(self, dataset)  # aliases of the old table rebound; other item tables refused
+        self.neighbour_term = self.build_neighbour_term(config, dataset)
         # AVL's running means (mean L_v, mean L_t, count): a buffer, so checkpoints carry them; float64
         # like the authors' Python floats (a float32 cumulative mean drifts once steps run into the 100,000s)
         self.register_buffer("avl_running_losses", torch.zeros(3, dtype=torch.float64))
@@ -96,25 +100,66 @@ class REVEALRecommender:
         return {"training_counts": counts, "cold_items": resolved,
                 "cold_item_neighbours": 2 if neighbours is None else neighbours}
 
+    def build_neighbour_term(self, config, dataset) -> FeatureNeighbourTerm | None:
+        """``feature_neighbours: True``: the learned feature-neighbour score (``model/neighbour_term.py``).
+
+        It is added where the backbone scores every item against ``forward(item_seq, item_seq_len)``
+        with a CE loss (SASRec, GRU4Rec, NARM, ...); other backbones are refused by name.
+        """
+        if not config["feature_neighbours"]:
+            return None
+        encoder = self.item_embedding
+        name = type(self).__name__
+        if not encoder.modalities:
+            raise ConfigError(f"feature_neighbours needs at least one modality ({name} has none)")
+        if config["loss_type"] != "CE":
+            raise ConfigError(f"feature_neighbours needs loss_type: CE (a score over every item), got "
+                              f"{config['loss_type']!r}")
+        if list(inspect.signature(self.backbone.forward).parameters) != ["self", "item_seq", "item_seq_len"]:
+            raise ConfigError(f"feature_neighbours: {self.backbone.__name__} does not score the next item from "
+                              "forward(item_seq, item_seq_len) (e.g. BERT4Rec's masked items): not supported")
+        features = dataset.item_features
+        rows = {m: features[m].values if features[m].unit_norm else F.normalize(features[m].values.float(), dim=1)
+                for m in encoder.modalities}
+        return FeatureNeighbourTerm(rows, encoder.training_counts, self.hidden_size)
+
+    def neighbour_scores(self, interaction, seq_output) -> torch.Tensor | None:
+        encoder = self.item_embedding
+        return self.neighbour_term(seq_output, interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN],
+                                   encoder.masked_modalities, encoder.cold_rows if self.training else None)
+
+    def scores_with_neighbours(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores over every item, sequence output)`` with the neighbour term added."""
+        seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        scores = seq_output @ self.item_embedding.weight.T
+        extra = self.neighbour_scores(interaction, seq_output)
+        return (scores if extra is None else scores + extra), seq_output
+
     def calculate_loss(self, interaction):
         with self.item_embedding.shared_table():
+            if self.neighbour_term is not None:
+                scores, _ = self.scores_with_neighbours(interaction)
+                return self.loss_fct(scores, interaction[self.POS_ITEM_ID])
             return super().calculate_loss(interaction)
 
     def predict(self, interaction):
-        """The backbone's ``predict``; with ``score_with: id``, the candidate's score from the ID table.
+        """The backbone's ``predict``; with ``score_with: id`` or the neighbour term, read off ``full_sort_predict``.
 
         Backbones look a candidate up with ``item_embedding(ids)``, the input sequence's call, so
-        ID-only scores are read off ``full_sort_predict`` (which scores through ``.weight``).
+        ID-only scores come from ``full_sort_predict`` (which scores through ``.weight``); the
+        neighbour term is defined over every item.
         """
         encoder = self.item_embedding
         with encoder.shared_table():
-            if encoder.score_with == "id" and encoder.modalities:
-                scores = super().full_sort_predict(interaction)
+            if (encoder.score_with == "id" and encoder.modalities) or self.neighbour_term is not None:
+                scores = self.full_sort_predict(interaction)
                 return scores.gather(1, interaction[self.ITEM_ID].long().unsqueeze(1)).squeeze(1)
             return super().predict(interaction)
 
     def full_sort_predict(self, interaction):
         with self.item_embedding.shared_table():
+            if self.neighbour_term is not None:
+                return self.scores_with_neighbours(interaction)[0]
             return super().full_sort_predict(interaction)
 
 

@@ -1,0 +1,79 @@
+"""A learned feature-neighbour score: what FeatureKNN knows, inside the trained model.
+
+A backbone scores ``h_u . e_i`` in its hidden size (64): a rank-64 view of the features. Nearest
+neighbours in the full feature space (same series, same product line) are what the training-free
+FeatureKNN finds and the trained models miss on tail and new items (BENCHMARKS.md issue 15). This
+term adds them to the backbone's score, with weights the model learns end to end:
+
+    s(u, i) = h_u . e_i  +  user_weight(h_u) * item_weight(n_i) * sum_j recency_j cos(f[q_j], f[i])
+
+``q_j`` the user's last items, ``n_i`` item ``i``'s training interactions: the model learns how
+much a user's next item resembles their last ones (``user_weight``, from the sequence state) and
+how much that holds for items the IDs know little about (``item_weight``, a logistic function of
+``log(1 + n_i)``). Query items score 0 (as ``knn_exclude_query``). Masked modalities (AVL, the
+utilisation diagnostics) are left out here too. Cost: one ``(batch, dim) x (dim, items)`` product
+per modality and step, over the dataset's frozen unit rows (no copy).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FeatureNeighbourTerm(nn.Module):
+    """``user_weight(h) * item_weight(n) * knn(u, i)`` for every item (see the module docstring)."""
+
+    def __init__(self, unit_rows: dict[str, torch.Tensor], training_counts: torch.Tensor, hidden_size: int,
+                 last_items: int = 3):
+        super().__init__()
+        self.modalities = tuple(unit_rows)
+        for modality, rows in unit_rows.items():
+            self.register_buffer(f"unit_rows_{modality}", rows, persistent=False)
+        log_counts = torch.log1p(training_counts.clamp(min=0).to(torch.float32))
+        self.register_buffer("log_counts", log_counts, persistent=False)
+        self.user_weight = nn.Linear(hidden_size, 1)
+        self.item_weight = nn.Parameter(torch.zeros(2))  # logit = a + b log(1 + n): starts at 1/2 for every item
+        self.recency_logits = nn.Parameter(-torch.arange(last_items, dtype=torch.float32))  # the last item first
+
+    def query_items(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last ``last_items`` items (the last first; 0 before the sequence start) and their weights."""
+        steps = len(self.recency_logits)
+        positions = item_seq_len.unsqueeze(1) - 1 - torch.arange(steps, device=item_seq.device)
+        present = positions >= 0
+        items = torch.where(present, item_seq.gather(1, positions.clamp(min=0)), 0)
+        logits = self.recency_logits.masked_fill(~present, float("-inf"))
+        return items, torch.softmax(logits, dim=1)
+
+    def similarities(self, item_seq, item_seq_len, masked: frozenset[str] = frozenset()) -> torch.Tensor | None:
+        """``(batch, items)``: recency-weighted mean cosine to the query items over the unmasked modalities."""
+        modalities = [m for m in self.modalities if m not in masked]
+        if not modalities:
+            return None
+        items, weights = self.query_items(item_seq, item_seq_len)
+        total = None
+        for modality in modalities:
+            rows = getattr(self, f"unit_rows_{modality}")
+            query = (weights.unsqueeze(2) * rows[items]).sum(1)  # (batch, dim)
+            product = query @ rows.T
+            total = product if total is None else total + product
+        total = total / len(modalities)
+        return total.scatter(1, items, 0.0)  # never the query items themselves
+
+    def item_weights(self) -> torch.Tensor:
+        return torch.sigmoid(self.item_weight[0] + self.item_weight[1] * self.log_counts)
+
+    def forward(self, seq_output, item_seq, item_seq_len, masked: frozenset[str] = frozenset(),
+                absent: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The term for every item, ``(batch, items)``; ``None`` when every modality is masked.
+
+        ``absent`` rows (cold items in training, not yet in the catalogue) get 0, as their table rows.
+        """
+        knn = self.similarities(item_seq, item_seq_len, masked)
+        if knn is None:
+            return None
+        user = F.softplus(self.user_weight(seq_output))  # (batch, 1)
+        items = self.item_weights()
+        if absent is not None:
+            items = items.masked_fill(absent, 0.0)
+        return user * knn * items

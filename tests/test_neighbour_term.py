@@ -1,0 +1,132 @@
+"""The learned feature-neighbour score and the count-scaled ID part (issue 22: tail and new items)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from recbole.data.interaction import Interaction
+from torch import nn
+
+from reveal_recbole.config import Config
+from reveal_recbole.errors import ConfigError
+from reveal_recbole.model.item_encoder import REVEALItemEncoder, id_count_scale
+from reveal_recbole.model.neighbour_term import FeatureNeighbourTerm
+from reveal_recbole.pipeline import build_model, prepare_data
+
+from conftest import random_features
+
+COUNTS = torch.tensor([-1, 3, 0, 2, 1, 0, 4, 5])  # row 0 is padding; items 2 and 5 have no training interaction
+
+
+def unit_rows(seed: int, dim: int) -> torch.Tensor:
+    return F.normalize(random_features(8, dim, seed=seed).values, dim=1)
+
+
+def neighbour_term(last_items: int = 3) -> FeatureNeighbourTerm:
+    torch.manual_seed(0)
+    return FeatureNeighbourTerm({"image": unit_rows(1, 6), "text": unit_rows(2, 5)}, COUNTS, hidden_size=4,
+                                last_items=last_items)
+
+
+def test_similarities_are_the_recency_weighted_cosines_to_the_last_items():
+    term = neighbour_term()
+    item_seq, item_seq_len = torch.tensor([[4, 6, 1, 0], [3, 0, 0, 0]]), torch.tensor([3, 1])
+    knn = term.similarities(item_seq, item_seq_len)
+    rows = [term.unit_rows_image, term.unit_rows_text]
+    recency = torch.softmax(term.recency_logits, 0)
+    expected = sum(recency[j] * sum(r[[1, 6, 4][j]] @ r.T for r in rows) / 2 for j in range(3))
+    expected[[1, 6, 4]] = 0.0  # the query items never score
+    torch.testing.assert_close(knn[0], expected)
+    only = sum(r[3] @ r.T for r in rows) / 2  # one item in the sequence: it alone, whatever the recency weights
+    only[3] = 0.0
+    torch.testing.assert_close(knn[1], only)
+
+
+def test_a_masked_modality_is_left_out_and_every_modality_masked_gives_nothing():
+    term = neighbour_term(last_items=1)
+    item_seq, item_seq_len = torch.tensor([[2, 0]]), torch.tensor([1])
+    text_only = term.similarities(item_seq, item_seq_len, frozenset({"image"}))
+    expected = term.unit_rows_text[2] @ term.unit_rows_text.T
+    expected[2] = 0.0
+    torch.testing.assert_close(text_only[0], expected)
+    assert term(torch.zeros(1, 4), item_seq, item_seq_len, frozenset({"image", "text"})) is None
+
+
+def test_the_term_is_user_weight_times_item_weight_times_similarity_and_absent_rows_score_0():
+    term = neighbour_term()
+    with torch.no_grad():
+        term.item_weight.copy_(torch.tensor([-1.0, 2.0]))
+    seq_output = torch.randn(2, 4)
+    item_seq, item_seq_len = torch.tensor([[4, 6, 1], [3, 0, 0]]), torch.tensor([3, 1])
+    scores = term(seq_output, item_seq, item_seq_len)
+    user = F.softplus(term.user_weight(seq_output))
+    item = torch.sigmoid(-1.0 + 2.0 * torch.log1p(COUNTS.clamp(min=0).float()))
+    torch.testing.assert_close(scores, user * item * term.similarities(item_seq, item_seq_len))
+    assert item[2] < item[4] < item[1] < item[7]  # more training interactions, more weight (as learned here)
+    absent = COUNTS == 0
+    masked = term(seq_output, item_seq, item_seq_len, absent=absent)
+    assert torch.count_nonzero(masked[:, absent]) == 0
+    torch.testing.assert_close(masked[:, ~absent], scores[:, ~absent])
+
+
+def test_id_count_scale_is_a_shrinkage_weight():
+    scale = id_count_scale(COUNTS, 2.0)
+    torch.testing.assert_close(scale, torch.tensor([1.0, 0.6, 0.0, 0.5, 1 / 3, 0.0, 4 / 6, 5 / 7]))
+
+
+def test_id_shrinkage_scales_each_items_id_part_by_its_count():
+    torch.manual_seed(0)
+    features = {"image": random_features(8, 6, seed=1)}
+    plain = REVEALItemEncoder(nn.Embedding(8, 4, padding_idx=0), features, training_counts=COUNTS).eval()
+    shrunk = REVEALItemEncoder(plain.id_embedding, features, training_counts=COUNTS, id_shrinkage=2.0).eval()
+    shrunk.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        feature_part = plain.projections["image"](plain.modality_input("image"))
+        expected = plain.id_embedding.weight * id_count_scale(COUNTS, 2.0).unsqueeze(1) + feature_part
+        expected[0] = 0.0
+        torch.testing.assert_close(shrunk.weight, expected)
+        torch.testing.assert_close(shrunk.fused_rows(torch.tensor([1, 2, 7])), expected[[1, 2, 7]])
+    with pytest.raises(ConfigError, match="id_shrinkage must be a number >= 0"):
+        REVEALItemEncoder(nn.Embedding(8, 4), features, training_counts=COUNTS, id_shrinkage=-1)
+    with pytest.raises(ConfigError, match="id_shrinkage needs at least one modality"):
+        REVEALItemEncoder(nn.Embedding(8, 4), features, id_shrinkage=1.0)
+
+
+def test_feature_neighbours_model_trains_and_scores_with_the_term(tiny_config):
+    config = Config(model="SASRecREVEAL", dataset="scientific",
+                    config_dict=tiny_config | {"feature_neighbours": True, "loss_type": "CE"})
+    _, train_data, _, test_data = prepare_data(config)
+    model = build_model(config, train_data)
+    assert model.neighbour_term is not None
+    interaction = next(iter(train_data))
+    loss = model.calculate_loss(interaction)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.neighbour_term.user_weight.weight.grad.abs().sum() > 0
+    assert model.neighbour_term.item_weight.grad.abs().sum() > 0
+    model.eval()
+    batch = next(iter(test_data))[0]
+    with torch.no_grad():
+        scores = model.full_sort_predict(batch)
+        seq_output = model.forward(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
+        plain = seq_output @ model.item_embedding.weight.T
+        extra = model.neighbour_scores(batch, seq_output)
+        torch.testing.assert_close(scores, plain + extra)
+        assert extra.abs().sum() > 0
+        candidates = Interaction({model.ITEM_SEQ: batch[model.ITEM_SEQ][:2],
+                                  model.ITEM_SEQ_LEN: batch[model.ITEM_SEQ_LEN][:2],
+                                  model.ITEM_ID: torch.tensor([5, 7])})
+        torch.testing.assert_close(model.predict(candidates), scores[[0, 1], [5, 7]])
+
+
+@pytest.mark.parametrize("model_name, extra, message", [
+    ("SASRecREVEAL", {"loss_type": "BPR"}, "needs loss_type: CE"),
+    ("BERT4RecREVEAL", {"loss_type": "CE"}, "BERT4Rec does not score the next item"),
+    ("SASRecREVEAL", {"loss_type": "CE", "modalities": []}, "needs at least one modality"),
+])
+def test_feature_neighbours_refuses_what_it_cannot_score(tiny_config, model_name, extra, message):
+    config = Config(model=model_name, dataset="scientific",
+                    config_dict=tiny_config | {"feature_neighbours": True} | extra)
+    _, train_data, _, _ = prepare_data(config)
+    with pytest.raises(ConfigError, match=message):
+        build_model(config, train_data)
