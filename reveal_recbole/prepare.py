@@ -357,7 +357,7 @@ def images(source: RawSource) -> dict:
 # ----------------------------------------------------------------------------- 4. features
 def features(source: RawSource, modalities: list[str], kind: str | None, model: str | None, device: str,
              out: Path | None = None) -> dict:
-    from dataset_prep.extract_features import ExtractError, extract
+    from dataset_prep.extract_features import ExtractError, default_image_encoder, extract
 
     image_kind, image_model = usable_image_encoder(kind, model) if "image" in modalities else (None, None)
     try:
@@ -365,7 +365,7 @@ def features(source: RawSource, modalities: list[str], kind: str | None, model: 
                           image_model=image_model, device=device, show_progress=True)
     except ExtractError as error:
         raise PreparationError(f"features: {error}") from None
-    encoders = {"image": image_kind or "offline default (efficientnet)", "text": "all-MiniLM-L6-v2 (offline)"}
+    encoders = {"image": image_kind or default_image_encoder(device), "text": "all-MiniLM-L6-v2 (offline)"}
     return {"modalities": {m: {"encoder": encoders[m] + (f" {image_model}" if m == "image" and image_model else ""),
                                "dim": r.dim, "encoded": r.encoded, "cached": r.cached, "fallback": r.fallback}
                            for m, r in results.items()}}
@@ -388,7 +388,8 @@ def usable_image_encoder(kind: str | None, model: str | None) -> tuple[str | Non
         logger.info("features: image encoder %s %s (the configured fve_encoder)", kind, model)
         return kind, model
     logger.warning("features: the configured image encoder %s %s cannot load (%s): using the offline "
-                   "EfficientNet-Lite0 instead; rerun the features stage to redo them", kind, model or "", reason)
+                   "EfficientNet-Lite0 instead (to redo the features with it once it loads: delete "
+                   "<data_path>/.prepare/features.json)", kind, model or "", reason)
     return None, None
 
 
