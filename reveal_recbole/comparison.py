@@ -20,8 +20,9 @@ from pathlib import Path
 import yaml
 
 from reveal_recbole.atomic import atomic_write_text
-from reveal_recbole.errors import ConfigError, UserInputError
+from reveal_recbole.errors import ConfigError, UnknownModelError, UserInputError
 from reveal_recbole.quick_start import run_reveal
+from reveal_recbole.registry import get_model
 
 REPORT_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 # Named model lists for compare (``--model=peers``): each name expands to its specs, in this order.
@@ -54,9 +55,6 @@ def expand_suites(specs: list[str]) -> list[str]:
 
     A suite's model that does not resolve here (a peer this installation lacks) is left out, logged.
     """
-    from reveal_recbole.errors import UnknownModelError
-    from reveal_recbole.registry import get_model
-
     expanded = []
     for spec in specs:
         if spec not in SUITES:

@@ -18,7 +18,7 @@ from recbole.model.sequential_recommender import SASRecF as RecBoleSASRecF
 from recbole.utils import FeatureType
 from recbole.utils import get_model as recbole_get_model
 
-from reveal_recbole.comparison import SUITES, expand_suites
+from reveal_recbole.comparison import SUITES, expand_suites, relative_improvement
 from reveal_recbole.config import Config
 from reveal_recbole.data import feature_paths, read_feature_file, write_item_features
 from reveal_recbole.data.feature_fields import FeatureFieldsDataset
@@ -201,3 +201,10 @@ def test_run_reveal_command_line_expands_the_suite(monkeypatch):
     monkeypatch.setattr(script, "compare", lambda models, dataset, *args, **kwargs: calls.append((models, dataset)))
     script.main(["--model=peers", "--dataset=synthetic_sparse", "--seeds=1,2"])
     assert calls == [(expand_suites(["peers"]), "synthetic_sparse")]
+
+
+def test_a_peer_with_reveal_parts_is_measured_against_the_peer():
+    rows = [{"model": m, "ndcg@10": v} for m, v in
+            (("SASRec", 0.1), ("SASRecREVEAL[avl=False]", 0.11), ("SASRecF", 0.2), ("SASRecF[avl=True]", 0.22))]
+    gains = relative_improvement(rows, "ndcg@10")
+    assert gains == pytest.approx({"SASRecREVEAL[avl=False]": 0.1, "SASRecF[avl=True]": 0.1})

@@ -59,12 +59,15 @@ class DenseFeatureSeqEmbLayer(FeatureSeqEmbLayer):
     replaces a modality's rows with zeros, the input of an item without a feature row.
     """
 
+    def __init__(self, dataset, embedding_size, selected_features, pooling_mode, device):
+        super().__init__(dataset, embedding_size, selected_features, pooling_mode, device)
+        self.masked_modalities: frozenset[str] = frozenset()
+
     def get_fields_name_dim(self):
         super().get_fields_name_dim()
         self.dense_field_names = dense_fields(self.dataset, self.field_names["item"])
         self.dense_field_dims = [self.dataset.field2seqlen[f] for f in self.dense_field_names]
         self.num_feature_field["item"] += len(self.dense_field_names)
-        self.masked_modalities: frozenset[str] = frozenset()
 
     def get_embedding(self):
         super().get_embedding()
