@@ -14,7 +14,8 @@ dense ``float_seq`` field is embedded. RecBole 1.2.1's ``FeatureSeqEmbLayer`` ca
   models then fail with ``torch.cat(): expected a non-empty list`` when it is their only field;
 * in ``numerical_features``, every value is stored as the pair ``(x_j, 1)`` and embedded as
   ``x_j * e_1`` with one vector ``e_1`` for every dimension, then pooled over the dimensions: a
-  512-d feature collapses to ``(sum_j x_j) e_1`` (RecBole issue #2043), through a
+  512-d feature collapses to one number times ``e_1`` (``(sum_j x_j) e_1`` with SASRecF's and
+  GRU4RecF's ``sum`` pooling, the mean with FDSA's ``mean``; RecBole issue #2043), through a
   ``batch x length x 512 x hidden`` tensor; and SASRecF sizes its input layer for ``num(field)`` = 2
   vectors per such field while the layer gives one (``mat1 and mat2 shapes cannot be multiplied``,
   RecBole issue #1983).
