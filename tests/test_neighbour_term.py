@@ -10,7 +10,7 @@ from torch import nn
 from reveal_recbole.config import Config
 from reveal_recbole.errors import ConfigError
 from reveal_recbole.model.item_encoder import REVEALItemEncoder, id_count_scale
-from reveal_recbole.model.neighbour_term import FeatureNeighbourTerm
+from reveal_recbole.model.neighbour_term import FeatureNeighbourTerm, nearest_neighbours
 from reveal_recbole.pipeline import build_model, prepare_data
 
 from conftest import random_features
@@ -22,17 +22,43 @@ def unit_rows(seed: int, dim: int) -> torch.Tensor:
     return F.normalize(random_features(8, dim, seed=seed).values, dim=1)
 
 
-def neighbour_term(last_items: int = 3) -> FeatureNeighbourTerm:
+def neighbour_term(last_items: int = 3, k: int = 100) -> FeatureNeighbourTerm:
     torch.manual_seed(0)
     return FeatureNeighbourTerm({"image": unit_rows(1, 6), "text": unit_rows(2, 5)}, COUNTS, hidden_size=4,
-                                last_items=last_items)
+                                last_items=last_items, k=k)
+
+
+def test_nearest_neighbours_are_the_most_similar_other_rows(monkeypatch):
+    monkeypatch.setattr("reveal_recbole.model.neighbour_term.NEIGHBOUR_CHUNK_ROWS", 3)  # chunks meet the diagonal
+    rows = unit_rows(1, 6)
+    indices, cosines = nearest_neighbours(rows, 3)
+    similarity = rows @ rows.T
+    similarity.fill_diagonal_(float("-inf"))
+    expected_cosines, expected_indices = similarity.topk(3, dim=1)
+    assert torch.equal(indices, expected_indices)
+    torch.testing.assert_close(cosines, expected_cosines)
+    assert nearest_neighbours(rows, 100)[0].shape == (8, 7)  # k beyond the other rows: all of them
+
+
+def test_only_the_k_nearest_items_of_the_query_carry_a_cosine():
+    exact, truncated = neighbour_term(last_items=1), neighbour_term(last_items=1, k=2)
+    item_seq, item_seq_len = torch.tensor([[3, 0]]), torch.tensor([1])
+    full, top = exact.similarities(item_seq, item_seq_len)[0], truncated.similarities(item_seq, item_seq_len)[0]
+    expected = torch.zeros(8)
+    for rows in (unit_rows(1, 6), unit_rows(2, 5)):
+        similarity = rows[3] @ rows.T
+        similarity[3] = float("-inf")
+        nearest = similarity.topk(2).indices
+        expected[nearest] += similarity[nearest] / 2
+    torch.testing.assert_close(top, expected)
+    assert torch.count_nonzero(top) <= 4 and torch.count_nonzero(full) == 6  # all but the query and padding
 
 
 def test_similarities_are_the_recency_weighted_cosines_to_the_last_items():
     term = neighbour_term()
     item_seq, item_seq_len = torch.tensor([[4, 6, 1, 0], [3, 0, 0, 0]]), torch.tensor([3, 1])
     knn = term.similarities(item_seq, item_seq_len)
-    rows = [term.unit_rows_image, term.unit_rows_text]
+    rows = [unit_rows(1, 6), unit_rows(2, 5)]
     recency = torch.softmax(term.recency_logits, 0)
     expected = sum(recency[j] * sum(r[[1, 6, 4][j]] @ r.T for r in rows) / 2 for j in range(3))
     expected[[1, 6, 4]] = 0.0  # the query items never score
@@ -46,7 +72,7 @@ def test_a_masked_modality_is_left_out_and_every_modality_masked_gives_nothing()
     term = neighbour_term(last_items=1)
     item_seq, item_seq_len = torch.tensor([[2, 0]]), torch.tensor([1])
     text_only = term.similarities(item_seq, item_seq_len, frozenset({"image"}))
-    expected = term.unit_rows_text[2] @ term.unit_rows_text.T
+    expected = unit_rows(2, 5)[2] @ unit_rows(2, 5).T
     expected[2] = 0.0
     torch.testing.assert_close(text_only[0], expected)
     assert term(torch.zeros(1, 4), item_seq, item_seq_len, frozenset({"image", "text"})) is None

@@ -121,7 +121,10 @@ class REVEALRecommender:
         features = dataset.item_features
         rows = {m: features[m].values if features[m].unit_norm else F.normalize(features[m].values.float(), dim=1)
                 for m in encoder.modalities}
-        return FeatureNeighbourTerm(rows, encoder.training_counts, self.hidden_size)
+        k = config["feature_neighbours_k"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"feature_neighbours_k must be an integer >= 1, got {k!r}")
+        return FeatureNeighbourTerm(rows, encoder.training_counts, self.hidden_size, k=k)
 
     def neighbour_scores(self, interaction, seq_output) -> torch.Tensor | None:
         encoder = self.item_embedding
