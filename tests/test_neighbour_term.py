@@ -156,3 +156,29 @@ def test_feature_neighbours_refuses_what_it_cannot_score(tiny_config, model_name
     _, train_data, _, _ = prepare_data(config)
     with pytest.raises(ConfigError, match=message):
         build_model(config, train_data)
+
+
+def test_items_whose_id_was_dropped_are_weighed_as_new_items():
+    term = neighbour_term()
+    with torch.no_grad():
+        term.item_weight.copy_(torch.tensor([0.5, 1.0]))
+    unknown = torch.zeros(8, dtype=torch.bool)
+    unknown[[1, 6]] = True
+    weights, plain = term.item_weights(unknown), term.item_weights()
+    torch.testing.assert_close(weights[[1, 6]], torch.sigmoid(torch.tensor([0.5, 0.5])))
+    torch.testing.assert_close(weights[~unknown], plain[~unknown])
+
+
+def test_the_encoder_reports_the_ids_it_dropped_in_training_only():
+    torch.manual_seed(0)
+    features = {"image": random_features(8, 6, seed=1)}
+    encoder = REVEALItemEncoder(nn.Embedding(8, 4, padding_idx=0), features, id_dropout=0.5).train()
+    table = encoder.compute_table()
+    dropped = encoder.dropped_ids
+    with torch.no_grad():
+        feature_part = encoder.projections["image"](encoder.modality_input("image"))
+    rows = torch.arange(1, 8)
+    torch.testing.assert_close(table[rows][dropped[rows]], feature_part[rows][dropped[rows]])
+    assert 0 < int(dropped[rows].sum()) < 7
+    encoder.eval().compute_table()
+    assert encoder.dropped_ids is None

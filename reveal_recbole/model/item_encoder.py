@@ -359,6 +359,7 @@ class REVEALItemEncoder(nn.Module):
         self._table_cache: tuple[tuple, torch.Tensor] | None = None
         self._projection_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
         self._share_depth = 0
+        self.dropped_ids: torch.Tensor | None = None  # the rows whose ID part the last training table dropped
 
         # data-derived, rebuilt with the model from its training split: not part of checkpoints
         self.cold_items = cold_items if cold_rows is not None else "train"
@@ -497,14 +498,17 @@ class REVEALItemEncoder(nn.Module):
         A dropped row is zeroed without rescaling the kept ones: at evaluation every item has its
         ID, a case training also sees, rather than a 1/(1-p)-scaled ID training never matched.
         Cold items (``cold_items`` other than ``train``) have no ID part of their own; with
-        ``id_shrinkage`` every row is scaled by its item's count (:func:`id_count_scale`).
+        ``id_shrinkage`` every row is scaled by its item's count (:func:`id_count_scale`). The
+        rows dropped this step are kept in ``dropped_ids``: the neighbour term treats them as new.
         """
         weight = self.id_embedding.weight
         if self.id_scale is not None:
             weight = weight * self.id_scale.unsqueeze(1)
         kept = None if self.cold_rows is None else ~self.cold_rows
+        self.dropped_ids = None
         if self.training and self.id_dropout > 0:
             drawn = torch.rand(weight.shape[0], device=weight.device) >= self.id_dropout
+            self.dropped_ids = ~drawn
             kept = drawn if kept is None else kept & drawn
         if kept is None:
             return weight, None

@@ -98,20 +98,25 @@ class FeatureNeighbourTerm(nn.Module):
         total = total.scatter_add(1, torch.cat(columns, 1), torch.cat(values, 1))
         return total.scatter(1, items, 0.0)  # never the query items themselves
 
-    def item_weights(self) -> torch.Tensor:
-        return torch.sigmoid(self.item_weight[0] + self.item_weight[1] * self.log_counts)
+    def item_weights(self, unknown: torch.Tensor | None = None) -> torch.Tensor:
+        """``sigmoid(a + b log(1 + n_i))``; ``unknown`` rows count as never trained on (``n = 0``)."""
+        log_counts = self.log_counts if unknown is None else self.log_counts.masked_fill(unknown, 0.0)
+        return torch.sigmoid(self.item_weight[0] + self.item_weight[1] * log_counts)
 
     def forward(self, seq_output, item_seq, item_seq_len, masked: frozenset[str] = frozenset(),
-                absent: torch.Tensor | None = None) -> torch.Tensor | None:
+                absent: torch.Tensor | None = None, unknown: torch.Tensor | None = None) -> torch.Tensor | None:
         """The term for every item, ``(batch, items)``; ``None`` when every modality is masked.
 
-        ``absent`` rows (cold items in training, not yet in the catalogue) get 0, as their table rows.
+        ``absent`` rows (cold items in training, not yet in the catalogue) get 0, as their table rows;
+        ``unknown`` rows (their ID dropped this step, ``id_dropout``) are weighed as new items, so the
+        weight of a new item is learned from training positives (DropoutNet's idea) rather than
+        extrapolated from the counts of warm ones.
         """
         knn = self.similarities(item_seq, item_seq_len, masked)
         if knn is None:
             return None
         user = F.softplus(self.user_weight(seq_output))  # (batch, 1)
-        items = self.item_weights()
+        items = self.item_weights(unknown)
         if absent is not None:
             items = items.masked_fill(absent, 0.0)
         return user * knn * items

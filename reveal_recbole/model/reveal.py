@@ -128,8 +128,10 @@ class REVEALRecommender:
 
     def neighbour_scores(self, interaction, seq_output) -> torch.Tensor | None:
         encoder = self.item_embedding
+        training = self.training
         return self.neighbour_term(seq_output, interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN],
-                                   encoder.masked_modalities, encoder.cold_rows if self.training else None)
+                                   encoder.masked_modalities, encoder.cold_rows if training else None,
+                                   encoder.dropped_ids if training else None)
 
     def scores_with_neighbours(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores over every item, sequence output)`` with the neighbour term added."""
