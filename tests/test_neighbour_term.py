@@ -156,6 +156,8 @@ def test_feature_neighbours_refuses_what_it_cannot_score(tiny_config, model_name
     _, train_data, _, _ = prepare_data(config)
     with pytest.raises(ConfigError, match=message):
         build_model(config, train_data)
+    config["feature_neighbours"] = "auto"  # auto: the same model without the term
+    assert build_model(config, train_data).neighbour_term is None
 
 
 def test_items_whose_id_was_dropped_are_weighed_as_new_items():

@@ -101,23 +101,24 @@ class REVEALRecommender:
                 "cold_item_neighbours": 2 if neighbours is None else neighbours}
 
     def build_neighbour_term(self, config, dataset) -> FeatureNeighbourTerm | None:
-        """``feature_neighbours: True``: the learned feature-neighbour score (``model/neighbour_term.py``).
+        """``feature_neighbours``: the learned feature-neighbour score (``model/neighbour_term.py``).
 
         It is added where the backbone scores every item against ``forward(item_seq, item_seq_len)``
-        with a CE loss (SASRec, GRU4Rec, NARM, ...); other backbones are refused by name.
+        with a CE loss (SASRec, GRU4Rec, NARM, ...). ``True`` refuses other backbones by name;
+        ``auto`` leaves the term out of them (logged).
         """
-        if not config["feature_neighbours"]:
+        mode = config["feature_neighbours"]
+        if mode not in (True, False, None, "auto"):
+            raise ConfigError(f"feature_neighbours must be True, False or auto, got {mode!r}")
+        if not mode:
             return None
+        unsupported = self.neighbour_term_unsupported(config)
+        if unsupported and mode == "auto":
+            getLogger().info(f"feature_neighbours: auto -> off for {type(self).__name__}: {unsupported}")
+            return None
+        if unsupported:
+            raise ConfigError(f"feature_neighbours: {unsupported}")
         encoder = self.item_embedding
-        name = type(self).__name__
-        if not encoder.modalities:
-            raise ConfigError(f"feature_neighbours needs at least one modality ({name} has none)")
-        if config["loss_type"] != "CE":
-            raise ConfigError(f"feature_neighbours needs loss_type: CE (a score over every item), got "
-                              f"{config['loss_type']!r}")
-        if list(inspect.signature(self.backbone.forward).parameters) != ["self", "item_seq", "item_seq_len"]:
-            raise ConfigError(f"feature_neighbours: {self.backbone.__name__} does not score the next item from "
-                              "forward(item_seq, item_seq_len) (e.g. BERT4Rec's masked items): not supported")
         features = dataset.item_features
         rows = {m: features[m].values if features[m].unit_norm else F.normalize(features[m].values.float(), dim=1)
                 for m in encoder.modalities}
@@ -125,6 +126,17 @@ class REVEALRecommender:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"feature_neighbours_k must be an integer >= 1, got {k!r}")
         return FeatureNeighbourTerm(rows, encoder.training_counts, self.hidden_size, k=k)
+
+    def neighbour_term_unsupported(self, config) -> str | None:
+        """Why this model cannot take the neighbour term, or None."""
+        if not self.item_embedding.modalities:
+            return f"needs at least one modality ({type(self).__name__} has none)"
+        if config["loss_type"] != "CE":
+            return f"needs loss_type: CE (a score over every item), got {config['loss_type']!r}"
+        if list(inspect.signature(self.backbone.forward).parameters) != ["self", "item_seq", "item_seq_len"]:
+            return (f"{self.backbone.__name__} does not score the next item from forward(item_seq, item_seq_len) "
+                    "(e.g. BERT4Rec's masked items): not supported")
+        return None
 
     def neighbour_scores(self, interaction, seq_output) -> torch.Tensor | None:
         encoder = self.item_embedding
