@@ -23,6 +23,11 @@ Where ours differs, and why:
   normalised at load by ``feature_norm`` like every model's here; theirs are raw BERT [CLS] vectors
   (``feature_norm: none``), which the whitening's learned bias then centres.
 - Scores are cosines for full ranking (theirs) and for ``predict`` too.
+- The loss and full ranking adapt every item once and read the input sequence's rows from that
+  table; theirs adapts the ``B x L`` sequence rows separately. Same model; in training an item's
+  input and candidate rows then share one draw of the adaptor's dropout and gate noise (theirs: one
+  draw per occurrence). At most ``n_items`` rows a step, which the cross-entropy over all items
+  needs anyway.
 
 ``item_embedding`` is :class:`UniSRecItemEncoder`, which masks its modality the way the REVEAL
 encoder does (a masked text embedding is zero: transductive items fall back to their IDs), so
@@ -167,16 +172,25 @@ class UniSRec(SASRec):
             config["adaptor_dropout_prob"], config["feature_trainable"],
         )
 
-    def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
-        """The sequence's representation at its last item, ``(B, H)`` (SASRec's, over the adapted items)."""
+    def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, table: torch.Tensor | None = None):
+        """The sequence's representation at its last item, ``(B, H)`` (SASRec's, over the adapted items).
+
+        ``table``: every item's embedding, already computed for the candidates; the sequence's rows are
+        read from it instead of adapting ``B x L`` rows again (5x faster on Scientific, where ``B x L`` is
+        12,800 rows and the catalogue 1,585).
+        """
         positions = torch.arange(item_seq.shape[1], device=item_seq.device).unsqueeze(0).expand_as(item_seq)
-        input_emb = self.dropout(self.LayerNorm(self.item_embedding(item_seq) + self.position_embedding(positions)))
+        items = self.item_embedding(item_seq) if table is None else F.embedding(item_seq, table)
+        input_emb = self.dropout(self.LayerNorm(items + self.position_embedding(positions)))
         output = self.trm_encoder(input_emb, self.get_attention_mask(item_seq), output_all_encoded_layers=True)[-1]
         return self.gather_indexes(output, item_seq_len - 1)
 
     def sequence_and_items(self, interaction, items: torch.Tensor | None = None):
-        sequence = F.normalize(self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]), dim=-1)
-        return sequence, F.normalize(self.item_embedding.rows(items), dim=-1)
+        """The normalised sequence representation and candidate rows (every item when ``items`` is None)."""
+        table = self.item_embedding.weight if items is None else None
+        sequence = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], table)
+        candidates = table if items is None else self.item_embedding(items)
+        return F.normalize(sequence, dim=-1), F.normalize(candidates, dim=-1)
 
     def calculate_loss(self, interaction):
         sequence, items = self.sequence_and_items(interaction)
