@@ -221,6 +221,12 @@ def test_transductive_unisrec_masks_text_down_to_its_ids(tiny_config):
         model.item_embedding.masking(["image"]).__enter__()
 
 
+def test_unisrec_with_avl_says_avl_is_off(tiny_config, caplog):
+    run = prepared(tiny_config, "UniSRec", avl=True)
+    assert run.trainer.avl is None
+    assert "AVL is off" in caplog.text
+
+
 @pytest.mark.parametrize("keys, match", [({"train_stage": "pretrain"}, "train_stage"),
                                          ({"modalities": ["image", "text"]}, "one modality"),
                                          ({"loss_type": "BPR"}, "CE")])
