@@ -42,6 +42,7 @@ from torch import nn
 
 from reveal_recbole.data.feature_fields import FIELD_SUFFIX, FeatureFieldsDataset, feature_field, selected_features
 from reveal_recbole.errors import ConfigError
+from reveal_recbole.model.item_encoder import masked_modalities
 from reveal_recbole.registry import register_model
 from reveal_recbole.trainer import REVEALTrainer
 
@@ -81,19 +82,9 @@ class DenseFeatureSeqEmbLayer(FeatureSeqEmbLayer):
     def modalities(self) -> list[str]:
         return [f[: -len(FIELD_SUFFIX)] for f in self.dense_field_names if f.endswith(FIELD_SUFFIX)]
 
-    @contextlib.contextmanager
-    def masking(self, modalities: Iterable[str]):
+    def masking(self, modalities: Iterable[str]) -> contextlib.AbstractContextManager:
         """Within the block, the named modalities' rows are zeros (as for items without a feature)."""
-        modalities = frozenset(modalities)
-        unknown = modalities - set(self.modalities)
-        if unknown:
-            raise KeyError(f"cannot mask {sorted(unknown)}: the model reads {self.modalities}")
-        previous = self.masked_modalities
-        self.masked_modalities = previous | modalities
-        try:
-            yield
-        finally:
-            self.masked_modalities = previous
+        return masked_modalities(self, modalities)
 
     def modality_parameters(self, modality: str) -> list[nn.Parameter]:
         return list(self.dense_projections[feature_field(modality)].parameters())

@@ -112,6 +112,25 @@ def id_count_scale(training_counts: torch.Tensor, shrinkage: float) -> torch.Ten
     return torch.where(counts < 0, torch.ones_like(counts), counts / (counts.clamp(min=0) + shrinkage))
 
 
+@contextlib.contextmanager
+def masked_modalities(module: nn.Module, modalities: Iterable[str]) -> Iterator[None]:
+    """Add ``modalities`` to ``module.masked_modalities`` for the block; a modality it lacks is a ``KeyError``.
+
+    The one masking mechanism of every model with modalities (the REVEAL encoder, UniSRec, the
+    feature-aware RecBole models): AVL and the utilisation diagnostics call their ``masking``.
+    """
+    modalities = frozenset(modalities)
+    unknown = modalities - set(module.modalities)
+    if unknown:
+        raise KeyError(f"cannot mask {sorted(unknown)}: the modalities are {list(module.modalities)}")
+    previous = module.masked_modalities
+    module.masked_modalities = previous | modalities
+    try:
+        yield
+    finally:
+        module.masked_modalities = previous
+
+
 class FeatureDropout(nn.Dropout):
     """``nn.Dropout`` whose keep mask comes from ``rand_like`` and a compare (same distribution, other stream).
 
@@ -430,8 +449,7 @@ class REVEALItemEncoder(nn.Module):
             params.extend(self.moe.part_parameters(modality))
         return [p for p in params if p.requires_grad]
 
-    @contextlib.contextmanager
-    def masking(self, modalities: Iterable[str]) -> Iterator[None]:
+    def masking(self, modalities: Iterable[str]) -> contextlib.AbstractContextManager:
         """Remove ``modalities`` for the forward passes inside the block.
 
         A masked modality's projected embedding is zero (no projection bias passes) and ``gated``
@@ -439,16 +457,7 @@ class REVEALItemEncoder(nn.Module):
         ``moe`` fusion, as the authors', runs its experts on the zero vector). AVL's masked losses
         and the visual-utilisation diagnostics both mask through here.
         """
-        modalities = frozenset(modalities)
-        unknown = modalities - set(self.modalities)
-        if unknown:
-            raise KeyError(f"cannot mask {sorted(unknown)}: encoder modalities are {self.modalities}")
-        previous = self.masked_modalities
-        self.masked_modalities = previous | modalities
-        try:
-            yield
-        finally:
-            self.masked_modalities = previous
+        return masked_modalities(self, modalities)
 
     # ----------------------------------------------------------------- the fused table
     def modality_input(self, modality: str, neighbours: torch.Tensor | None = None) -> torch.Tensor:

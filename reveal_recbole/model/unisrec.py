@@ -36,7 +36,7 @@ the diagnostics report UniSRec's text utilisation.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ from torch import nn
 from reveal_recbole.data.dataset import MultimodalSequentialDataset, configured_modalities
 from reveal_recbole.data.features import ItemFeatures
 from reveal_recbole.errors import ConfigError
-from reveal_recbole.model.item_encoder import FeatureTables
+from reveal_recbole.model.item_encoder import FeatureTables, masked_modalities
 from reveal_recbole.registry import register_model
 from reveal_recbole.trainer import REVEALTrainer
 
@@ -107,19 +107,9 @@ class UniSRecItemEncoder(nn.Module):
     def modality(self) -> str:
         return self.modalities[0]
 
-    @contextlib.contextmanager
-    def masking(self, modalities: Iterable[str]) -> Iterator[None]:
+    def masking(self, modalities: Iterable[str]) -> contextlib.AbstractContextManager:
         """Remove the text input inside the block (its adapted embedding is zero)."""
-        modalities = frozenset(modalities)
-        unknown = modalities - set(self.modalities)
-        if unknown:
-            raise KeyError(f"cannot mask {sorted(unknown)}: encoder modalities are {self.modalities}")
-        previous = self.masked_modalities
-        self.masked_modalities = previous | modalities
-        try:
-            yield
-        finally:
-            self.masked_modalities = previous
+        return masked_modalities(self, modalities)
 
     def modality_parameters(self, modality: str) -> list[nn.Parameter]:
         if modality not in self.modalities:
