@@ -10,7 +10,8 @@ from torch import nn
 from reveal_recbole.config import Config
 from reveal_recbole.errors import ConfigError
 from reveal_recbole.model.item_encoder import REVEALItemEncoder, id_count_scale
-from reveal_recbole.model.neighbour_term import FeatureNeighbourTerm, nearest_neighbours
+from reveal_recbole.data.features import reduce_features
+from reveal_recbole.model.neighbour_term import FeatureNeighbourTerm, neighbour_rows
 from reveal_recbole.pipeline import build_model, prepare_data
 
 from conftest import random_features
@@ -22,36 +23,24 @@ def unit_rows(seed: int, dim: int) -> torch.Tensor:
     return F.normalize(random_features(8, dim, seed=seed).values, dim=1)
 
 
-def neighbour_term(last_items: int = 3, k: int = 100) -> FeatureNeighbourTerm:
+def neighbour_term(last_items: int = 3) -> FeatureNeighbourTerm:
     torch.manual_seed(0)
     return FeatureNeighbourTerm({"image": unit_rows(1, 6), "text": unit_rows(2, 5)}, COUNTS, hidden_size=4,
-                                last_items=last_items, k=k)
+                                last_items=last_items)
 
 
-def test_nearest_neighbours_are_the_most_similar_other_rows(monkeypatch):
-    monkeypatch.setattr("reveal_recbole.model.neighbour_term.NEIGHBOUR_CHUNK_ROWS", 3)  # chunks meet the diagonal
-    rows = unit_rows(1, 6)
-    indices, cosines = nearest_neighbours(rows, 3)
-    similarity = rows @ rows.T
-    similarity.fill_diagonal_(float("-inf"))
-    expected_cosines, expected_indices = similarity.topk(3, dim=1)
-    assert torch.equal(indices, expected_indices)
-    torch.testing.assert_close(cosines, expected_cosines)
-    assert nearest_neighbours(rows, 100)[0].shape == (8, 7)  # k beyond the other rows: all of them
-
-
-def test_only_the_k_nearest_items_of_the_query_carry_a_cosine():
-    exact, truncated = neighbour_term(last_items=1), neighbour_term(last_items=1, k=2)
-    item_seq, item_seq_len = torch.tensor([[3, 0]]), torch.tensor([1])
-    full, top = exact.similarities(item_seq, item_seq_len)[0], truncated.similarities(item_seq, item_seq_len)[0]
-    expected = torch.zeros(8)
-    for rows in (unit_rows(1, 6), unit_rows(2, 5)):
-        similarity = rows[3] @ rows.T
-        similarity[3] = float("-inf")
-        nearest = similarity.topk(2).indices
-        expected[nearest] += similarity[nearest] / 2
-    torch.testing.assert_close(top, expected)
-    assert torch.count_nonzero(top) <= 4 and torch.count_nonzero(full) == 6  # all but the query and padding
+def test_neighbour_rows_are_unit_rows_or_their_leading_components_made_unit_again():
+    features = random_features(8, 6, missing=(5,), seed=1)
+    full = neighbour_rows(features)
+    torch.testing.assert_close(full, F.normalize(features.values, dim=1))
+    reduced = neighbour_rows(features, width=3)
+    assert reduced.shape == (8, 3)
+    torch.testing.assert_close(reduced.norm(dim=1)[features.present], torch.ones(6))
+    assert torch.count_nonzero(reduced[[0, 5]]) == 0  # no feature: no cosine
+    # width 3 of 6: the cosines are the leading components' (centred), not the full rows'
+    components = reduce_features(full, features.present, 3)
+    torch.testing.assert_close(reduced @ reduced.T, F.normalize(components, dim=1) @ F.normalize(components, dim=1).T)
+    assert neighbour_rows(features, width=6).shape == (8, 6)
 
 
 def test_similarities_are_the_recency_weighted_cosines_to_the_last_items():
@@ -184,3 +173,15 @@ def test_the_encoder_reports_the_ids_it_dropped_in_training_only():
     assert 0 < int(dropped[rows].sum()) < 7
     encoder.eval().compute_table()
     assert encoder.dropped_ids is None
+
+
+def test_feature_neighbours_width_sets_the_terms_rows_and_is_checked(tiny_config):
+    config = Config(model="SASRecREVEAL", dataset="scientific",
+                    config_dict=tiny_config | {"feature_neighbours": True, "loss_type": "CE",
+                                               "feature_neighbours_width": 4})
+    _, train_data, _, _ = prepare_data(config)
+    term = build_model(config, train_data).neighbour_term
+    assert {term.rows_image.shape[1], term.rows_text.shape[1]} == {4}
+    config["feature_neighbours_width"] = 0
+    with pytest.raises(ConfigError, match="feature_neighbours_width must be an integer >= 1"):
+        build_model(config, train_data)

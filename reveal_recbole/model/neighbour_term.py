@@ -13,60 +13,40 @@ how much that holds for items the IDs know little about (``item_weight``, a logi
 ``log(1 + n_i)``). Query items score 0 (as ``knn_exclude_query``). Masked modalities (AVL, the
 utilisation diagnostics) are left out here too; several modalities average their cosines.
 
-Only each item's ``k`` nearest items per modality carry a cosine (the others 0): the lists are
-found once, at build time, from the frozen unit rows (:func:`nearest_neighbours`), so a training
-step costs ``batch x last_items x k`` lookups plus one scatter into the ``(batch, items)`` scores,
-not a ``(batch, dim) x (dim, items)`` product per modality (4x the whole feature projection's
-cost at 100k items and 896-d). With ``k >= items - 1`` the term is exact.
+The sum is exact and costs one product per modality: ``sum_j recency_j cos(f[q_j], f[i])`` is
+``query_u . f[i]`` with ``query_u = sum_j recency_j f[q_j]`` (unit rows), i.e. ``batch x width x
+items`` per step, the shape of the logits. ``width`` is the feature width, or the rows' leading
+principal components (``feature_neighbours_width``) where the full width costs too much per step
+(BENCHMARKS.md "Scale"). Truncating to each item's 100 nearest items instead scored lower on
+Scientific (.0914 vs .0988 NDCG@10) and cost ``items^2 x dim`` at build time.
 """
 from __future__ import annotations
-
-from logging import getLogger
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-NEIGHBOUR_CHUNK_ROWS = 4096
+from reveal_recbole.data.features import ItemFeatures, reduce_features
 
 
-def nearest_neighbours(rows: torch.Tensor, k: int, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(indices, cosines)``, each ``(items, k)``: every unit row's ``k`` most similar other rows, best first.
-
-    A chunk of rows at a time against all of them (``items^2 x dim`` once; on the rows' device).
-    A row never lists itself; rows without a feature (zero) have cosine 0 to everything.
-    """
-    n = rows.shape[0]
-    k = max(min(k, n - 1), 1)
-    indices = torch.empty(n, k, dtype=torch.long, device=rows.device)
-    cosines = torch.empty(n, k, dtype=rows.dtype, device=rows.device)
-    starts = range(0, n, NEIGHBOUR_CHUNK_ROWS)
-    for start in tqdm(starts, desc="feature neighbours", unit="chunk", disable=not progress, leave=False):
-        chunk = rows[start:start + NEIGHBOUR_CHUNK_ROWS]
-        similarity = chunk @ rows.T
-        own = torch.arange(len(chunk), device=rows.device)
-        similarity[own, start + own] = float("-inf")
-        cosines[start:start + len(chunk)], indices[start:start + len(chunk)] = similarity.topk(k, dim=1)
-    return indices, cosines
+def neighbour_rows(features: ItemFeatures, width: int | None = None) -> torch.Tensor:
+    """Unit feature rows for the cosines: the loaded rows (shared when already unit), or their ``width``
+    leading principal components, normalised again; rows without a feature stay zero."""
+    rows = features.values if features.unit_norm else F.normalize(features.values.float(), dim=1)
+    if width is not None and width < rows.shape[1]:
+        rows = F.normalize(reduce_features(rows, features.present, width), dim=1)
+    return rows
 
 
 class FeatureNeighbourTerm(nn.Module):
     """``user_weight(h) * item_weight(n) * knn(u, i)`` for every item (see the module docstring)."""
 
     def __init__(self, unit_rows: dict[str, torch.Tensor], training_counts: torch.Tensor, hidden_size: int,
-                 last_items: int = 3, k: int = 100):
+                 last_items: int = 3):
         super().__init__()
         self.modalities = tuple(unit_rows)
-        self.n_items = len(training_counts)
         for modality, rows in unit_rows.items():  # derived from the frozen rows: rebuilt, not saved
-            progress = rows.shape[0] > 10 * NEIGHBOUR_CHUNK_ROWS
-            if progress:
-                getLogger().info(f"feature_neighbours: the {k} nearest items of each of {rows.shape[0]} items "
-                                 f"({modality}, {rows.shape[1]}-d)")
-            indices, cosines = nearest_neighbours(rows.float(), k, progress)
-            self.register_buffer(f"neighbours_{modality}", indices, persistent=False)
-            self.register_buffer(f"cosines_{modality}", cosines, persistent=False)
+            self.register_buffer(f"rows_{modality}", rows, persistent=False)
         log_counts = torch.log1p(training_counts.clamp(min=0).to(torch.float32))
         self.register_buffer("log_counts", log_counts, persistent=False)
         self.user_weight = nn.Linear(hidden_size, 1)
@@ -88,14 +68,13 @@ class FeatureNeighbourTerm(nn.Module):
         if not modalities:
             return None
         items, weights = self.query_items(item_seq, item_seq_len)
-        batch = items.shape[0]
-        columns, values = [], []
+        total = None
         for modality in modalities:
-            columns.append(getattr(self, f"neighbours_{modality}")[items].view(batch, -1))  # (batch, last x k)
-            cosines = getattr(self, f"cosines_{modality}")[items]
-            values.append((weights.unsqueeze(2) * cosines).view(batch, -1) / len(modalities))
-        total = torch.zeros(batch, self.n_items, dtype=values[0].dtype, device=items.device)
-        total = total.scatter_add(1, torch.cat(columns, 1), torch.cat(values, 1))
+            rows = getattr(self, f"rows_{modality}")
+            query = (weights.unsqueeze(2).to(rows.dtype) * rows[items]).sum(1)  # (batch, width)
+            cosines = (query @ rows.T).float()
+            total = cosines if total is None else total + cosines
+        total = total / len(modalities)
         return total.scatter(1, items, 0.0)  # never the query items themselves
 
     def item_weights(self, unknown: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,7 +20,6 @@ import inspect
 from logging import getLogger
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from reveal_recbole.data.cold_start import training_item_counts
@@ -28,7 +27,7 @@ from reveal_recbole.data.dataset import configured_modalities
 from reveal_recbole.errors import ConfigError
 from reveal_recbole.model.contract import check_backbone, check_backbone_data, check_item_tables, item_table
 from reveal_recbole.model.item_encoder import COLD_ITEMS, REVEALItemEncoder, encoder_settings
-from reveal_recbole.model.neighbour_term import FeatureNeighbourTerm
+from reveal_recbole.model.neighbour_term import FeatureNeighbourTerm, neighbour_rows
 
 
 class REVEALRecommender:
@@ -118,14 +117,12 @@ class REVEALRecommender:
             return None
         if unsupported:
             raise ConfigError(f"feature_neighbours: {unsupported}")
+        width = config["feature_neighbours_width"]
+        if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+            raise ConfigError(f"feature_neighbours_width must be an integer >= 1 or ~ (full width), got {width!r}")
         encoder = self.item_embedding
-        features = dataset.item_features
-        rows = {m: features[m].values if features[m].unit_norm else F.normalize(features[m].values.float(), dim=1)
-                for m in encoder.modalities}
-        k = config["feature_neighbours_k"]
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ConfigError(f"feature_neighbours_k must be an integer >= 1, got {k!r}")
-        return FeatureNeighbourTerm(rows, encoder.training_counts, self.hidden_size, k=k)
+        rows = {m: neighbour_rows(dataset.item_features[m], width) for m in encoder.modalities}
+        return FeatureNeighbourTerm(rows, encoder.training_counts, self.hidden_size)
 
     def neighbour_term_unsupported(self, config) -> str | None:
         """Why this model cannot take the neighbour term, or None."""
