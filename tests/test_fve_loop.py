@@ -19,6 +19,8 @@ from PIL import Image
 
 import reveal_recbole.fve.loop as loop
 import reveal_recbole.pipeline as pipeline
+from reveal_recbole.config import Config
+from reveal_recbole.data.cold_start import training_item_counts
 from reveal_recbole.data.features import read_feature_file
 from reveal_recbole.fve.critic import OfflineCritic
 from reveal_recbole.fve.extract import ImageEncoder
@@ -571,3 +573,18 @@ def test_sigkilled_loop_resumes_to_the_uninterrupted_result(fve_config, tmp_path
     assert summary(resumed) == summary(reference)
     assert resumed["test_result"] == reference["test_result"]
     assert history(output) == history(tmp_path / "reference")
+
+
+def test_fve_holds_out_the_cold_share_and_reads_no_review_of_a_held_out_item(fve_config, tmp_path):
+    """cold_item_share: FVE trains on the split every other run gets, and new items' prompts see no review."""
+    config = Config(model="SASRecREVEAL", dataset=DATASET, config_dict={**fve_config, "cold_item_share": 0.3})
+    run = FVERun(config, StandInEncoder(), OfflineCritic(), tmp_path / "cold")
+    held_out = run.cold_split.cold_items
+    assert len(held_out) >= 0.3 * len(run.tokens) - 1
+    assert (training_item_counts(run.train_data.dataset)[held_out] == 0).all()  # held out of training
+    cold_tokens = {run.tokens[item - 1] for item in held_out}
+    all_texts = read_item_texts(Path(fve_config["data_path"]) / DATASET, DATASET)
+    reviewed = {token for token, text in all_texts.items() if text.reviews}
+    assert cold_tokens & reviewed and reviewed - cold_tokens  # the fixture reviews held-out and other items
+    assert all(not run.texts[token].reviews for token in cold_tokens & reviewed)
+    assert all(run.texts[token].reviews == all_texts[token].reviews for token in reviewed - cold_tokens)

@@ -26,15 +26,7 @@ def create_dataset(config):
         require_dataset_files(config, multimodal=False)  # the multimodal class runs these checks itself
     with recbole_seam.dataset_class_in_use(config["model"], get_dataset_class(config)):  # ours, where RecBole's name
         dataset = recbole_create_dataset(config)
-    cold = hold_out_cold_items(dataset, config)  # before RecBole's split, so every model sees the same cold split
-    if cold is not None:
-        getLogger().info(
-            f"cold_item_share {config['cold_item_share']}: {len(cold.cold_items)} of {dataset.item_num - 1} items held "
-            f"out of training (seed {config['seed']}); {cold.dropped} training interactions with them dropped; "
-            "they are "
-            f"the test target of {cold.cold_test_targets} of {cold.test_targets} users and the validation target of "
-            f"{cold.cold_valid_targets}"
-        )
+    apply_cold_item_share(dataset, config)  # before RecBole's split, so every model sees the same cold split
     largest_k = max(config["topk"])  # RecBole's Config has made it a list of positive integers
     if largest_k > dataset.item_num - 1:
         raise ConfigError(
@@ -49,3 +41,17 @@ def create_dataset(config):
             "(filter them with user_inter_num_interval: \"[2,inf)\" or dataset_prep's k-core)"
         )
     return dataset
+
+
+def apply_cold_item_share(dataset, config):
+    """``cold_item_share``: hold items out of training (:func:`hold_out_cold_items`) and say so; None when 0."""
+    cold = hold_out_cold_items(dataset, config)
+    if cold is not None:
+        getLogger().info(
+            f"cold_item_share {config['cold_item_share']}: {len(cold.cold_items)} of {dataset.item_num - 1} items held "
+            f"out of training (seed {config['seed']}); {cold.dropped} training interactions with them dropped; "
+            "they are "
+            f"the test target of {cold.cold_test_targets} of {cold.test_targets} users and the validation target of "
+            f"{cold.cold_valid_targets}"
+        )
+    return cold

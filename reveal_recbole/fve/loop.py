@@ -62,8 +62,10 @@ from recbole.utils import get_local_time, init_logger, set_color
 
 from reveal_recbole.atomic import atomic_write_text
 from reveal_recbole.config import Config
+from reveal_recbole.data.cold_start import ColdStartSplit
 from reveal_recbole.data.dataset import MultimodalSequentialDataset, configured_modalities, feature_dir
 from reveal_recbole.data.feature_cache import FeatureCache
+from reveal_recbole.data.utils import apply_cold_item_share
 from reveal_recbole.data.features import (
     align_item_features,
     feature_paths,
@@ -78,7 +80,7 @@ from reveal_recbole.fve.feedback import RankFeedback, collect_valid_feedback
 from reveal_recbole.fve.keep import DEFAULT_ALPHA, DEFAULT_MARGIN, KeepDecision, keep_round, parse_metric, user_metric
 from reveal_recbole.fve.prompt import DEFAULT_TEMPLATE, build_prompt, item_category, keyword_text, review_keywords
 from reveal_recbole.fve.select import feedback_type, observed_items, priority, select_hard_items
-from reveal_recbole.fve.sources import ItemImageSource, ItemText, read_item_texts
+from reveal_recbole.fve.sources import ItemImageSource, ItemText, read_item_texts, without_reviews
 from reveal_recbole.pipeline import build_model, build_trainer, prepare_data
 from reveal_recbole.recbole_seam import load_checkpoint
 from reveal_recbole.registry import get_dataset_class
@@ -296,12 +298,15 @@ class FVERun:
 
     def __init__(self, config, encoder: ImageEncoder, critic: Critic | None, output: Path):
         self.config, self.encoder, self._critic, self.output = config, encoder, critic, output
-        prepared = prepare_data(config, self._build_dataset(config))
+        dataset, self.cold_split = self._build_dataset(config)
+        prepared = prepare_data(config, dataset)
         self.dataset, self.train_data, self.valid_data, self.test_data = prepared
         self.train_batches = self.train_data.generator.get_state()  # every round sees the same batches
         field_tokens = self.dataset.field2id_token[self.dataset.iid_field]
         self.tokens = [str(token) for token in field_tokens[1:]]  # id 0 is RecBole's padding item
-        self.texts = read_item_texts(config["data_path"], config["dataset"])
+        cold = self.cold_split
+        cold_tokens = {self.tokens[item - 1] for item in cold.cold_items} if cold is not None else set()
+        self.texts = without_reviews(read_item_texts(config["data_path"], config["dataset"]), cold_tokens)
         self.images = ItemImageSource.from_config(config)
         with_image = sum(self.images.path(token) is not None for token in self.tokens)
         logger.info(f"FVE items: {len(self.tokens)}, {with_image} with an image in {self.images.images_dir}")
@@ -320,9 +325,10 @@ class FVERun:
         self.parked: tuple[Path, dict] | None = None  # the kept model's file and state, on the CPU (kept_model)
 
     @staticmethod
-    def _build_dataset(config) -> MultimodalSequentialDataset:
-        """The dataset without the image modality (its features are what FVE makes); each round
-        attaches its own image features to the training split the model is built from."""
+    def _build_dataset(config) -> tuple[MultimodalSequentialDataset, ColdStartSplit | None]:
+        """The dataset without the image modality (its features are what FVE makes), with the run's
+        ``cold_item_share`` held out as every other run does; each round attaches its own image
+        features to the training split the model is built from."""
         dataset_class = get_dataset_class(config)
         original, modalities = config["modalities"], configured_modalities(config)
         if not issubclass(dataset_class, MultimodalSequentialDataset) or IMAGE not in modalities:
@@ -331,9 +337,10 @@ class FVERun:
             )
         config["modalities"] = [m for m in modalities if m != IMAGE]
         try:
-            return dataset_class(config)  # not RecBole's pickled-dataset cache: it ignores modalities
+            dataset = dataset_class(config)  # not RecBole's pickled-dataset cache: it ignores modalities
         finally:
             config["modalities"] = original
+        return dataset, apply_cold_item_share(dataset, config)
 
     @property
     def critic(self) -> Critic:

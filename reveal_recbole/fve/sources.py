@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -116,6 +116,12 @@ def read_reviews(path: str | os.PathLike) -> dict[str, list[str]]:
             if item and text.strip():
                 reviews.setdefault(item, []).append(text)
     return reviews
+
+
+def without_reviews(texts: dict[str, ItemText], tokens: set[str]) -> dict[str, ItemText]:
+    """``texts`` with the reviews (and review keywords) of ``tokens`` removed: a new item (``cold_item_share``)
+    has its title and categories, but no review yet, and its prompt must not read its test users' words."""
+    return {token: replace(text, reviews=[], keywords="") if token in tokens else text for token, text in texts.items()}
 
 
 def read_item_texts(data_path: str | os.PathLike, dataset: str) -> dict[str, ItemText]:
