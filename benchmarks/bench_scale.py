@@ -52,6 +52,9 @@ VARIANTS = {  # label -> (model, config overrides, trained?)
     "SASRecREVEAL fusion=moe score_with=id": ("SASRecREVEAL", {"fusion": "moe", "score_with": "id"}, True),
     "SASRecREVEAL score_with=id": ("SASRecREVEAL", {"score_with": "id"}, True),
     "SASRecREVEAL avl": ("SASRecREVEAL", {"avl": True}, True),
+    "SASRecREVEAL feature_neighbours": ("SASRecREVEAL", {"feature_neighbours": True}, True),
+    "SASRecREVEAL feature_neighbours_width=64": (
+        "SASRecREVEAL", {"feature_neighbours": True, "feature_neighbours_width": 64}, True),
     "FeatureKNN": ("FeatureKNN", {}, False),
 }
 DEFAULT_VARIANTS = ["SASRec", "SASRecREVEAL", "SASRecREVEAL fusion=moe", "SASRecREVEAL avl", "FeatureKNN"]

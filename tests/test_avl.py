@@ -172,6 +172,7 @@ def test_avl_config_rejects_bad_values(tiny_config):
 
 
 def gradients(model, interaction) -> dict[str, torch.Tensor]:
+    model.train()  # as a trainer steps (after fit, a model is left in eval mode)
     model.zero_grad()
     model.calculate_loss(interaction).backward()
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -399,11 +400,12 @@ def test_avl_off_trains_exactly_like_recbole_trainer(tiny_config):
 
 
 def test_avl_on_changes_training_and_writes_step_csv(tiny_config):
-    *_, off_trainer, train_off, _, _ = build(tiny_config | {"avl": False})
-    off = losses_per_epoch(off_trainer, train_off, 1)
-    *_, on_trainer, train_on, _, _ = build(tiny_config | {"avl": True})
-    on = losses_per_epoch(on_trainer, train_on, 1)
-    assert off != on
+    _, off_model, off_trainer, train_off, _, _ = build(tiny_config | {"avl": False})
+    losses_per_epoch(off_trainer, train_off, 1)
+    _, on_model, on_trainer, train_on, _, _ = build(tiny_config | {"avl": True})
+    losses_per_epoch(on_trainer, train_on, 1)
+    image_off, image_on = (m.item_embedding.projections["image"].weight for m in (off_model, on_model))
+    assert not torch.equal(image_off, image_on)  # K_v scaled the image gradients (Adam: only where K_v moved)
     with open(on_trainer.avl_csv_file, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(train_on)

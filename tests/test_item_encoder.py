@@ -390,7 +390,8 @@ def test_bad_settings_raise_config_error(kwargs, word):
 def test_score_with_id_in_a_model_scores_ce_full_ranking_and_predict_with_the_id_table(tiny_config):
     from test_avl import NO_DROPOUT, build
 
-    _, model, _, train_data, *_ = build(tiny_config | NO_DROPOUT | {"avl": False, "score_with": "id"})
+    settings = {"avl": False, "score_with": "id", "feature_neighbours": False}  # the product alone, no added term
+    _, model, _, train_data, *_ = build(tiny_config | NO_DROPOUT | settings)
     model.eval()
     batch = next(iter(train_data))
     id_table = model.item_embedding.id_embedding.weight

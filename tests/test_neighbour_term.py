@@ -1,6 +1,9 @@
 """The learned feature-neighbour score and the count-scaled ID part (issue 22: tail and new items)."""
 from __future__ import annotations
 
+import importlib
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,10 +11,11 @@ from recbole.data.interaction import Interaction
 from torch import nn
 
 from reveal_recbole.config import Config
+from reveal_recbole.data.features import reduce_features
 from reveal_recbole.errors import ConfigError
 from reveal_recbole.model.item_encoder import REVEALItemEncoder, id_count_scale
-from reveal_recbole.data.features import reduce_features
 from reveal_recbole.model.neighbour_term import FeatureNeighbourTerm, neighbour_rows
+from reveal_recbole.model.reveal import NEIGHBOUR_TERM_BACKBONES
 from reveal_recbole.pipeline import build_model, prepare_data
 
 from conftest import random_features
@@ -185,3 +189,17 @@ def test_feature_neighbours_width_sets_the_terms_rows_and_is_checked(tiny_config
     config["feature_neighbours_width"] = 0
     with pytest.raises(ConfigError, match="feature_neighbours_width must be an integer >= 1"):
         build_model(config, train_data)
+
+
+@pytest.mark.parametrize("name", sorted(NEIGHBOUR_TERM_BACKBONES))
+def test_each_supported_backbone_scores_with_the_plain_product_the_term_is_added_to(name):
+    """The term replaces the backbone's CE loss and full ranking by ``forward @ item table + term``: guard that
+    RecBole's own are exactly that product (a RecBole change adding a loss term would be silently lost)."""
+    backbone = getattr(importlib.import_module(f"recbole.model.sequential_recommender.{name.lower()}"), name)
+    loss = " ".join(inspect.getsource(backbone.calculate_loss).split())
+    ce_branch = loss[loss.rindex("else:"):]
+    assert ce_branch.endswith("test_item_emb = self.item_embedding.weight logits = torch.matmul(seq_output, "
+                              "test_item_emb.transpose(0, 1)) loss = self.loss_fct(logits, pos_items) return loss")
+    ranking = " ".join(inspect.getsource(backbone.full_sort_predict).split())
+    assert "seq_output = self.forward(item_seq, item_seq_len) test_items_emb = self.item_embedding.weight" in ranking
+    assert list(inspect.signature(backbone.forward).parameters) == ["self", "item_seq", "item_seq_len"]

@@ -65,13 +65,13 @@ from reveal_recbole.config import Config
 from reveal_recbole.data.cold_start import ColdStartSplit
 from reveal_recbole.data.dataset import MultimodalSequentialDataset, configured_modalities, feature_dir
 from reveal_recbole.data.feature_cache import FeatureCache
-from reveal_recbole.data.utils import apply_cold_item_share
 from reveal_recbole.data.features import (
     align_item_features,
     feature_paths,
     read_feature_file,
     write_item_features,
 )
+from reveal_recbole.data.utils import apply_cold_item_share
 from reveal_recbole.errors import ConfigError
 from reveal_recbole.fve.attention import RegionAttention, attention_summary, read_item_regions
 from reveal_recbole.fve.critic import Critic, OfflineCritic, build_critic_request

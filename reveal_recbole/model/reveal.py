@@ -16,7 +16,6 @@ class is built and again when the model is, and refuses the others with a ``Back
 """
 from __future__ import annotations
 
-import inspect
 from logging import getLogger
 
 import torch
@@ -28,6 +27,14 @@ from reveal_recbole.errors import ConfigError
 from reveal_recbole.model.contract import check_backbone, check_backbone_data, check_item_tables, item_table
 from reveal_recbole.model.item_encoder import COLD_ITEMS, REVEALItemEncoder, encoder_settings
 from reveal_recbole.model.neighbour_term import FeatureNeighbourTerm, neighbour_rows
+
+# Backbones whose CE loss is exactly ``loss_fct(forward(item_seq, item_seq_len) @ item_embedding.weight.T, pos)``
+# and whose full_sort_predict is the same product (RecBole 1.2.1's source), so the neighbour term is added to it
+# and nothing of theirs is lost: FEARec and GCSAN add losses, CORE normalises, SINE and the CPR models score
+# otherwise, BERT4Rec scores masked positions, Caser / NextItNet / SHAN take other inputs.
+NEIGHBOUR_TERM_BACKBONES = frozenset(
+    {"SASRec", "GRU4Rec", "NARM", "STAMP", "SRGNN", "LightSANs", "SASRecF", "GRU4RecF", "FDSA"}
+)
 
 
 class REVEALRecommender:
@@ -122,7 +129,7 @@ class REVEALRecommender:
             raise ConfigError(f"feature_neighbours_width must be an integer >= 1 or ~ (full width), got {width!r}")
         encoder = self.item_embedding
         rows = {m: neighbour_rows(dataset.item_features[m], width) for m in encoder.modalities}
-        return FeatureNeighbourTerm(rows, encoder.training_counts, self.hidden_size)
+        return FeatureNeighbourTerm(rows, encoder.training_counts, encoder.embedding_dim)
 
     def neighbour_term_unsupported(self, config) -> str | None:
         """Why this model cannot take the neighbour term, or None."""
@@ -130,9 +137,9 @@ class REVEALRecommender:
             return f"needs at least one modality ({type(self).__name__} has none)"
         if config["loss_type"] != "CE":
             return f"needs loss_type: CE (a score over every item), got {config['loss_type']!r}"
-        if list(inspect.signature(self.backbone.forward).parameters) != ["self", "item_seq", "item_seq_len"]:
-            return (f"{self.backbone.__name__} does not score the next item from forward(item_seq, item_seq_len) "
-                    "(e.g. BERT4Rec's masked items): not supported")
+        if self.backbone.__name__ not in NEIGHBOUR_TERM_BACKBONES:
+            return (f"{self.backbone.__name__} does not score the next item as forward(item_seq, item_seq_len) times "
+                    f"the item table with a plain CE loss; supported: {', '.join(sorted(NEIGHBOUR_TERM_BACKBONES))}")
         return None
 
     def neighbour_scores(self, interaction, seq_output) -> torch.Tensor | None:
