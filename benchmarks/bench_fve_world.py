@@ -150,7 +150,7 @@ def linked_world(data_root: Path, dataset: str, out: Path, replaced: dict[str, s
 
 
 def seed_world(data_root: Path, dataset: str, out: Path, seed: int, config: dict, cold_share: float = 0.0,
-               region_items: int | None = None) -> Path:
+               region_items: int | None = None, model: str = MODEL) -> Path:
     """The data root the arms of ``seed`` read: ``data_root`` itself, or with ``cold_share`` a linked copy whose
     ``.inter`` holds that share of the items out of training (:func:`held_out_inter`) and whose ``.reviews``
     drops their reviews (written for the interactions held out: a new item has none); with ``region_items``,
@@ -159,7 +159,7 @@ def seed_world(data_root: Path, dataset: str, out: Path, seed: int, config: dict
     through the ``.item`` file, which :func:`run_arms` then loads (the synthetic worlds list every item there)."""
     folder, replaced = data_root / dataset, {}
     if cold_share:
-        leave_out = leave_out_count(Config(model=MODEL, dataset=dataset, config_dict=config))
+        leave_out = leave_out_count(Config(model=model, dataset=dataset, config_dict=config))
         inter, split = held_out_inter((folder / f"{dataset}.inter").read_text(encoding="utf-8"), cold_share, seed,
                                       leave_out)
         replaced[f"{dataset}.inter"] = inter
@@ -201,14 +201,14 @@ def round_report(run: FVERun, state: FVEState, features: np.ndarray) -> dict:
 
 def run_arms(seed: int, data_root: Path, encoder: AlignedPromptEncoder, out: Path, rounds: int,
              config: dict, dataset: str = WORLD, critic: Callable[[], Critic] = OfflineCritic,
-             cold_share: float = 0.0, region_items: int | None = None) -> dict[str, list[dict]]:
+             cold_share: float = 0.0, region_items: int | None = None, model: str = MODEL) -> dict[str, list[dict]]:
     """The four arms for one seed: per arm, one :func:`round_report` per round (the control's and the every-item
     arm's round 0 is FVE's). All arms read the same :func:`seed_world` (with ``cold_share``: the same cold split)."""
     config = {**QUICK, **config, "seed": seed, "checkpoint_dir": str(out / "saved")}
     if cold_share:  # the items held out of every interaction stay in the catalogue (as cold_item_share leaves them)
         config.setdefault("load_col", {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id"]})
     data_root = seed_world(data_root, dataset, out / "data", seed, {**config, "data_path": str(data_root)},
-                           cold_share, region_items)
+                           cold_share, region_items, model)
     config["data_path"] = str(data_root)
     reports: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     fve_dir, control_dir, every_dir = out / f"fve-{seed}", out / f"control-{seed}", out / f"every-{seed}"
@@ -220,17 +220,17 @@ def run_arms(seed: int, data_root: Path, encoder: AlignedPromptEncoder, out: Pat
                 shutil.copytree(fve_dir, folder, dirs_exist_ok=True)
                 reports[arm].append(reports["FVE"][0])
 
-    run_fve(MODEL, dataset, rounds=rounds, config_dict=config, encoder=encoder, critic=critic(),
+    run_fve(model, dataset, rounds=rounds, config_dict=config, encoder=encoder, critic=critic(),
             output_dir=fve_dir, on_round=fve_round)
     every_review = [r for texts in read_reviews(data_root / dataset / f"{dataset}.reviews").values() for r in texts]
     control = RandomReviewWordsCritic(critic(), seed=seed, fallback_words=review_vocabulary(every_review))
-    run_fve(MODEL, dataset, rounds=rounds, config_dict=config, encoder=encoder, critic=control, output_dir=control_dir,
+    run_fve(model, dataset, rounds=rounds, config_dict=config, encoder=encoder, critic=control, output_dir=control_dir,
             on_round=lambda run, state, features: reports["control"].append(round_report(run, state, features)))
-    run_fve(MODEL, dataset, rounds=1, config_dict={**config, "fve_select_fraction": 1.0}, encoder=encoder,
+    run_fve(model, dataset, rounds=1, config_dict={**config, "fve_select_fraction": 1.0}, encoder=encoder,
             critic=critic(), output_dir=every_dir,
             on_round=lambda run, state, features: reports["every item"].append(round_report(run, state, features)))
     uniform = UniformPoolingEncoder(encoder.backbone, encoder.text_encoder, encoder.head)
-    run_fve(MODEL, dataset, rounds=0, config_dict=config, encoder=uniform, output_dir=out / f"uniform-{seed}",
+    run_fve(model, dataset, rounds=0, config_dict=config, encoder=uniform, output_dir=out / f"uniform-{seed}",
             on_round=lambda run, state, features: reports["no prompt"].append(round_report(run, state, features)))
     return reports
 
@@ -404,7 +404,7 @@ def combined(paths: list[Path]) -> tuple[dict[int, dict[str, list[dict]]], dict]
     reports = [json.loads(Path(path).read_text(encoding="utf-8")) for path in paths]
     first = reports[0]
     for report in reports[1:]:
-        for key in ("rounds", "world", "config", "prompt_template", "cold_item_share"):
+        for key in ("model", "rounds", "world", "config", "prompt_template", "cold_item_share"):
             if report.get(key) != first.get(key):
                 raise SystemExit(f"--combine: the runs differ in {key}: {first.get(key)!r} vs {report.get(key)!r}")
     results = {int(seed): arms for report in reports for seed, arms in report["results"].items()}
@@ -420,9 +420,10 @@ def write_report(report: dict, results: dict[int, dict[str, list[dict]]], result
                   fve_minus_buckets=versus_buckets(results))
     cost = report["extraction"]
     text = ""
-    if report.get("dataset", WORLD) != WORLD or report.get("cold_item_share"):
+    if report.get("dataset", WORLD) != WORLD or report.get("cold_item_share") or report.get("model", MODEL) != MODEL:
         seeds = ", ".join(map(str, sorted(results)))
-        text = (f"World: {report['dataset']}; cold_item_share {report.get('cold_item_share') or 0} "
+        text = (f"Model: {report.get('model', MODEL)}; world: {report['dataset']}; "
+                f"cold_item_share {report.get('cold_item_share') or 0} "
                 f"(cold_items: {report.get('cold_items') or 'train'}); seeds {seeds}\n\n")
     text += (f"Round 0's prompt template: {report['prompt_template']}; further config: {report['config'] or 'none'}\n\n"
              f"{table(results)}\n\n"
@@ -457,6 +458,9 @@ def write_report(report: dict, results: dict[int, dict[str, list[dict]]], result
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[2020, 2021, 2022])
+    parser.add_argument("--model", default=MODEL,
+                        help="the recommender every arm trains: a REVEAL model or a multimodal peer that reads the "
+                             "image features (M3SRec, SASRecF, ...), for the 'peer + FVE' rows")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--world", choices=WORLDS, default=WORLD,
                         help="the dataset: synthetic_clutter (500 items, about 20 interactions each) or "
@@ -505,9 +509,11 @@ def main(argv: list[str] | None = None) -> dict:
         if args.prompt_template:
             overrides["fve_prompt_template"] = args.prompt_template
         results[seed] = run_arms(seed, args.data_root, encoder, work / f"seed-{seed}", args.rounds, overrides,
-                                 dataset=args.world, cold_share=args.cold_share, region_items=args.region_items)
+                                 dataset=args.world, cold_share=args.cold_share, region_items=args.region_items,
+                                 model=args.model)
         logging.info("seed %d done after %.0f s", seed, time.perf_counter() - begin)
-    report = {"seeds": args.seeds, "rounds": args.rounds, "budget": QUICK, "world": world_command(args.world),
+    report = {"model": args.model, "seeds": args.seeds, "rounds": args.rounds, "budget": QUICK,
+              "world": world_command(args.world),
               "dataset": args.world, "cold_item_share": args.cold_share or None,
               "cold_items": args.cold_items if args.cold_share else None, "region_items": args.region_items,
               "prompt_template": args.prompt_template or "the paper's (fve.prompt.DEFAULT_TEMPLATE)",

@@ -108,5 +108,6 @@ def test_combine_makes_one_report_from_two_runs(tmp_path):
     report = module.main(["--combine", *map(str, paths), "--results", str(tmp_path / "out")])
     assert report["seeds"] == [1, 2] and report["seconds"] == 120.0
     text = next((tmp_path / "out").glob("fve-world-*.md")).read_text()
-    assert text.startswith("World: synthetic_clutter_sparse; cold_item_share 0.2 (cold_items: features); seeds 1, 2")
+    assert text.startswith("Model: SASRecREVEAL; world: synthetic_clutter_sparse; cold_item_share 0.2 "
+                           "(cold_items: features); seeds 1, 2")
     assert "| FVE | 0 | 0.1000 ± 0.0000 |" in text and "| test targets | - | 3 ± 0 |" in text
