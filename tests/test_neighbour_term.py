@@ -68,7 +68,10 @@ def test_a_masked_modality_is_left_out_and_every_modality_masked_gives_nothing()
     expected = unit_rows(2, 5)[2] @ unit_rows(2, 5).T
     expected[2] = 0.0
     torch.testing.assert_close(text_only[0], expected)
-    assert term(torch.zeros(1, 4), item_seq, item_seq_len, frozenset({"image", "text"})) is None
+    scores = torch.randn(1, 8)
+    unchanged = scores.clone()
+    term.add_to(scores, torch.zeros(1, 4), item_seq, item_seq_len, frozenset({"image", "text"}))
+    assert torch.equal(scores, unchanged)  # every modality masked: nothing added
 
 
 def test_the_term_is_user_weight_times_item_weight_times_similarity_and_absent_rows_score_0():
@@ -129,7 +132,8 @@ def test_feature_neighbours_model_trains_and_scores_with_the_term(tiny_config):
         scores = model.full_sort_predict(batch)
         seq_output = model.forward(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
         plain = seq_output @ model.item_embedding.weight.T
-        extra = model.neighbour_scores(batch, seq_output)
+        term = model.neighbour_term
+        extra = term(seq_output, batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
         torch.testing.assert_close(scores, plain + extra)
         assert extra.abs().sum() > 0
         candidates = Interaction({model.ITEM_SEQ: batch[model.ITEM_SEQ][:2],
@@ -203,3 +207,25 @@ def test_each_supported_backbone_scores_with_the_plain_product_the_term_is_added
     ranking = " ".join(inspect.getsource(backbone.full_sort_predict).split())
     assert "seq_output = self.forward(item_seq, item_seq_len) test_items_emb = self.item_embedding.weight" in ranking
     assert list(inspect.signature(backbone.forward).parameters) == ["self", "item_seq", "item_seq_len"]
+
+
+def test_add_to_adds_the_term_in_place_with_the_gradients_of_the_plain_formula():
+    """The fused in-place path (user weight in the queries, one multiply-add) against the formula written out."""
+    term = neighbour_term()
+    seq_output = torch.randn(2, 4, requires_grad=True)
+    table = torch.randn(8, 4, requires_grad=True)
+    item_seq, item_seq_len = torch.tensor([[4, 6, 1], [3, 5, 0]]), torch.tensor([3, 2])
+    targets = torch.tensor([2, 7])
+    fused = term.add_to(seq_output @ table.T, seq_output, item_seq, item_seq_len)
+    F.cross_entropy(fused, targets).backward()
+    fused_grads = [p.grad.clone() for p in (seq_output, table, *term.parameters())]
+    for p in (seq_output, table, *term.parameters()):
+        p.grad = None
+    items, weights = term.query_items(item_seq, item_seq_len)
+    cosines = sum((weights.unsqueeze(2) * r[items]).sum(1) @ r.T for r in (term.rows_image, term.rows_text)) / 2
+    cosines = cosines.scatter(1, items, 0.0)
+    plain = seq_output @ table.T + F.softplus(term.user_weight(seq_output)) * cosines * term.item_weights()
+    torch.testing.assert_close(fused.detach(), plain.detach())
+    F.cross_entropy(plain, targets).backward()
+    for fused_grad, p in zip(fused_grads, (seq_output, table, *term.parameters())):
+        torch.testing.assert_close(fused_grad, p.grad)

@@ -62,40 +62,50 @@ class FeatureNeighbourTerm(nn.Module):
         logits = self.recency_logits.masked_fill(~present, float("-inf"))
         return items, torch.softmax(logits, dim=1)
 
-    def similarities(self, item_seq, item_seq_len, masked: frozenset[str] = frozenset()) -> torch.Tensor | None:
-        """``(batch, items)``: recency-weighted mean cosine to the query items over the unmasked modalities."""
+    def similarities(self, item_seq, item_seq_len, masked: frozenset[str] = frozenset(),
+                     query_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``(batch, items)``: recency-weighted mean cosine to the query items over the unmasked modalities,
+        times ``query_scale`` ``(batch, 1)`` (folded into the queries: no pass over the result); the query
+        items themselves 0. One product per modality, accumulated into one buffer."""
         modalities = [m for m in self.modalities if m not in masked]
         if not modalities:
             return None
         items, weights = self.query_items(item_seq, item_seq_len)
+        scale = weights / len(modalities) if query_scale is None else weights * (query_scale / len(modalities))
         total = None
         for modality in modalities:
             rows = getattr(self, f"rows_{modality}")
-            query = (weights.unsqueeze(2).to(rows.dtype) * rows[items]).sum(1)  # (batch, width)
-            cosines = (query @ rows.T).float()
-            total = cosines if total is None else total + cosines
-        total = total / len(modalities)
-        return total.scatter(1, items, 0.0)  # never the query items themselves
+            query = (scale.unsqueeze(2).to(rows.dtype) * rows[items]).sum(1)  # (batch, width)
+            total = query @ rows.T if total is None else total.addmm_(query.to(total.dtype), rows.T.to(total.dtype))
+        return total.scatter_(1, items, 0.0)  # never the query items themselves
 
     def item_weights(self, unknown: torch.Tensor | None = None) -> torch.Tensor:
         """``sigmoid(a + b log(1 + n_i))``; ``unknown`` rows count as never trained on (``n = 0``)."""
         log_counts = self.log_counts if unknown is None else self.log_counts.masked_fill(unknown, 0.0)
         return torch.sigmoid(self.item_weight[0] + self.item_weight[1] * log_counts)
 
-    def forward(self, seq_output, item_seq, item_seq_len, masked: frozenset[str] = frozenset(),
-                absent: torch.Tensor | None = None, unknown: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The term for every item, ``(batch, items)``; ``None`` when every modality is masked.
+    def add_to(self, scores: torch.Tensor, seq_output, item_seq, item_seq_len, masked: frozenset[str] = frozenset(),
+               absent: torch.Tensor | None = None, unknown: torch.Tensor | None = None) -> torch.Tensor:
+        """``scores`` ``(batch, items)`` plus the term, in place; unchanged when every modality is masked.
 
+        The user weight rides in the queries and the item weight in one fused multiply-add, so the term
+        costs its products and one pass over ``(batch, items)`` (at 100k items, three passes fewer).
         ``absent`` rows (cold items in training, not yet in the catalogue) get 0, as their table rows;
         ``unknown`` rows (their ID dropped this step, ``id_dropout``) are weighed as new items, so the
         weight of a new item is learned from training positives (DropoutNet's idea) rather than
         extrapolated from the counts of warm ones.
         """
-        knn = self.similarities(item_seq, item_seq_len, masked)
-        if knn is None:
-            return None
         user = F.softplus(self.user_weight(seq_output))  # (batch, 1)
+        knn = self.similarities(item_seq, item_seq_len, masked, query_scale=user)
+        if knn is None:
+            return scores
         items = self.item_weights(unknown)
         if absent is not None:
             items = items.masked_fill(absent, 0.0)
-        return user * knn * items
+        return scores.addcmul_(knn.to(scores.dtype), items.to(scores.dtype))
+
+    def forward(self, seq_output, item_seq, item_seq_len, masked: frozenset[str] = frozenset(),
+                absent: torch.Tensor | None = None, unknown: torch.Tensor | None = None) -> torch.Tensor:
+        """The term alone, ``(batch, items)`` (:meth:`add_to` on zeros)."""
+        zeros = seq_output.new_zeros(seq_output.shape[0], len(self.log_counts))
+        return self.add_to(zeros, seq_output, item_seq, item_seq_len, masked, absent, unknown)

@@ -142,19 +142,16 @@ class REVEALRecommender:
                     f"the item table with a plain CE loss; supported: {', '.join(sorted(NEIGHBOUR_TERM_BACKBONES))}")
         return None
 
-    def neighbour_scores(self, interaction, seq_output) -> torch.Tensor | None:
-        encoder = self.item_embedding
-        training = self.training
-        return self.neighbour_term(seq_output, interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN],
-                                   encoder.masked_modalities, encoder.cold_rows if training else None,
-                                   encoder.dropped_ids if training else None)
-
     def scores_with_neighbours(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scores over every item, sequence output)`` with the neighbour term added."""
-        seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        scores = seq_output @ self.item_embedding.weight.T
-        extra = self.neighbour_scores(interaction, seq_output)
-        return (scores if extra is None else scores + extra), seq_output
+        """``(scores over every item, sequence output)``: the backbone's product with the neighbour term added."""
+        encoder = self.item_embedding
+        item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        seq_output = self.forward(item_seq, item_seq_len)
+        training = self.training
+        scores = self.neighbour_term.add_to(seq_output @ encoder.weight.T, seq_output, item_seq, item_seq_len,
+                                            encoder.masked_modalities, encoder.cold_rows if training else None,
+                                            encoder.dropped_ids if training else None)
+        return scores, seq_output
 
     def calculate_loss(self, interaction):
         with self.item_embedding.shared_table():
