@@ -52,6 +52,7 @@ VARIANTS = {  # label -> (model, config overrides, trained?)
     "SASRecREVEAL fusion=moe score_with=id": ("SASRecREVEAL", {"fusion": "moe", "score_with": "id"}, True),
     "SASRecREVEAL score_with=id": ("SASRecREVEAL", {"score_with": "id"}, True),
     "SASRecREVEAL avl": ("SASRecREVEAL", {"avl": True}, True),
+    "SASRecREVEAL feature_neighbours=False": ("SASRecREVEAL", {"feature_neighbours": False}, True),
     "SASRecREVEAL feature_neighbours": ("SASRecREVEAL", {"feature_neighbours": True}, True),
     "SASRecREVEAL feature_neighbours_width=64": (
         "SASRecREVEAL", {"feature_neighbours": True, "feature_neighbours_width": 64}, True),
