@@ -203,6 +203,12 @@ def table_digest(table: torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
 
 
+def check_optional_width(key: str, width) -> None:
+    """A width key (``feature_width``, ``feature_neighbours_width``): an integer >= 1, or None for the full width."""
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        raise ConfigError(f"{key} must be an integer >= 1 or ~ (full width), got {width!r}")
+
+
 class FeatureTables(nn.Module):
     """Each modality's feature rows: parameters when fine-tuned, otherwise frozen data that checkpoints leave out.
 
@@ -363,9 +369,7 @@ class REVEALItemEncoder(nn.Module):
                            ("moe_low_rank", moe_low_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
-        if feature_width is not None and (isinstance(feature_width, bool) or not isinstance(feature_width, int)
-                                          or feature_width < 1):
-            raise ConfigError(f"feature_width must be an integer >= 1 or ~ (full width), got {feature_width!r}")
+        check_optional_width("feature_width", feature_width)
         self.id_embedding = id_embedding
         self.num_embeddings = id_embedding.num_embeddings
         self.embedding_dim = id_embedding.embedding_dim

@@ -25,7 +25,7 @@ from reveal_recbole.data.cold_start import training_item_counts
 from reveal_recbole.data.dataset import configured_modalities
 from reveal_recbole.errors import ConfigError
 from reveal_recbole.model.contract import check_backbone, check_backbone_data, check_item_tables, item_table
-from reveal_recbole.model.item_encoder import COLD_ITEMS, REVEALItemEncoder, encoder_settings
+from reveal_recbole.model.item_encoder import COLD_ITEMS, REVEALItemEncoder, check_optional_width, encoder_settings
 from reveal_recbole.model.neighbour_term import FeatureNeighbourTerm, neighbour_rows
 
 # Backbones whose CE loss is exactly ``loss_fct(forward(item_seq, item_seq_len) @ item_embedding.weight.T, pos)``
@@ -125,8 +125,7 @@ class REVEALRecommender:
         if unsupported:
             raise ConfigError(f"feature_neighbours: {unsupported}")
         width = config["feature_neighbours_width"]
-        if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
-            raise ConfigError(f"feature_neighbours_width must be an integer >= 1 or ~ (full width), got {width!r}")
+        check_optional_width("feature_neighbours_width", width)
         encoder = self.item_embedding
         rows = {m: neighbour_rows(dataset.item_features[m], width) for m in encoder.modalities}
         return FeatureNeighbourTerm(rows, encoder.training_counts, encoder.embedding_dim)
@@ -142,22 +141,20 @@ class REVEALRecommender:
                     f"the item table with a plain CE loss; supported: {', '.join(sorted(NEIGHBOUR_TERM_BACKBONES))}")
         return None
 
-    def scores_with_neighbours(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scores over every item, sequence output)``: the backbone's product with the neighbour term added."""
+    def scores_with_neighbours(self, interaction) -> torch.Tensor:
+        """Scores over every item: the backbone's product with the neighbour term added."""
         encoder = self.item_embedding
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         seq_output = self.forward(item_seq, item_seq_len)
         training = self.training
-        scores = self.neighbour_term.add_to(seq_output @ encoder.weight.T, seq_output, item_seq, item_seq_len,
-                                            encoder.masked_modalities, encoder.cold_rows if training else None,
-                                            encoder.dropped_ids if training else None)
-        return scores, seq_output
+        return self.neighbour_term.add_to(seq_output @ encoder.weight.T, seq_output, item_seq, item_seq_len,
+                                          encoder.masked_modalities, encoder.cold_rows if training else None,
+                                          encoder.dropped_ids if training else None)
 
     def calculate_loss(self, interaction):
         with self.item_embedding.shared_table():
             if self.neighbour_term is not None:
-                scores, _ = self.scores_with_neighbours(interaction)
-                return self.loss_fct(scores, interaction[self.POS_ITEM_ID])
+                return self.loss_fct(self.scores_with_neighbours(interaction), interaction[self.POS_ITEM_ID])
             return super().calculate_loss(interaction)
 
     def predict(self, interaction):
@@ -177,7 +174,7 @@ class REVEALRecommender:
     def full_sort_predict(self, interaction):
         with self.item_embedding.shared_table():
             if self.neighbour_term is not None:
-                return self.scores_with_neighbours(interaction)[0]
+                return self.scores_with_neighbours(interaction)
             return super().full_sort_predict(interaction)
 
 
