@@ -91,6 +91,26 @@ def test_the_term_is_user_weight_times_item_weight_times_similarity_and_absent_r
     torch.testing.assert_close(masked[:, ~absent], scores[:, ~absent])
 
 
+@pytest.mark.parametrize("block_bytes", [4 * 2 * 3, 2**20])  # 3 items per block for 2 users; one block
+def test_without_gradients_the_term_is_added_a_block_of_items_at_a_time_with_the_same_scores(monkeypatch,
+                                                                                              block_bytes):
+    """Evaluation adds the term in item blocks (no second (users, items) buffer): the same sums, the query
+    items (a repeated one too) keep the backbone's score."""
+    term = neighbour_term()
+    with torch.no_grad():
+        term.item_weight.copy_(torch.tensor([-1.0, 2.0]))
+    seq_output, backbone = torch.randn(2, 4), torch.randn(2, 8)
+    item_seq, item_seq_len = torch.tensor([[4, 6, 4], [3, 0, 0]]), torch.tensor([3, 1])
+    absent = COUNTS == 0
+    one_buffer = term.add_to(backbone.clone(), seq_output, item_seq, item_seq_len, absent=absent).detach()
+    monkeypatch.setattr(FeatureNeighbourTerm, "eval_block_bytes", block_bytes)
+    with torch.no_grad():
+        blocks = term.add_to(backbone.clone(), seq_output, item_seq, item_seq_len, absent=absent)
+    torch.testing.assert_close(blocks, one_buffer)
+    assert torch.equal(blocks[0, [4, 6]], backbone[0, [4, 6]]) and blocks[1, 3] == backbone[1, 3]
+    assert not torch.equal(blocks[0, [1, 7]], backbone[0, [1, 7]])  # the others moved
+
+
 def test_id_count_scale_is_a_shrinkage_weight():
     scale = id_count_scale(COUNTS, 2.0)
     torch.testing.assert_close(scale, torch.tensor([1.0, 0.6, 0.0, 0.5, 1 / 3, 0.0, 4 / 6, 5 / 7]))

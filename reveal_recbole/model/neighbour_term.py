@@ -41,6 +41,8 @@ def neighbour_rows(features: ItemFeatures, width: int | None = None) -> torch.Te
 class FeatureNeighbourTerm(nn.Module):
     """``user_weight(h) * item_weight(n) * knn(u, i)`` for every item (see the module docstring)."""
 
+    eval_block_bytes = 64 * 2**20  # similarities held at once when adding the term without gradients
+
     def __init__(self, unit_rows: dict[str, torch.Tensor], training_counts: torch.Tensor, hidden_size: int,
                  last_items: int = 3):
         super().__init__()
@@ -62,22 +64,37 @@ class FeatureNeighbourTerm(nn.Module):
         logits = self.recency_logits.masked_fill(~present, float("-inf"))
         return items, torch.softmax(logits, dim=1)
 
+    def queries(self, item_seq, item_seq_len, modalities: list[str],
+                query_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The query items ``(batch, last_items)`` and, per modality, ``(batch, width)``: their recency-weighted
+        sum, over the modalities' count and times ``query_scale`` ``(batch, 1)``, so that ``query . row_i``
+        is the term's similarity (no pass over ``(batch, items)`` for the weights)."""
+        items, weights = self.query_items(item_seq, item_seq_len)
+        scale = weights / len(modalities) if query_scale is None else weights * (query_scale / len(modalities))
+        queries = {}
+        for modality in modalities:
+            rows = getattr(self, f"rows_{modality}")
+            queries[modality] = (scale.unsqueeze(2).to(rows.dtype) * rows[items]).sum(1)
+        return items, queries
+
+    def similarity_block(self, queries: dict[str, torch.Tensor], items: slice = slice(None)) -> torch.Tensor:
+        """``(batch, len(items))``: the queries' products with the ``items`` columns, one per modality,
+        accumulated into one buffer."""
+        total = None
+        for modality, query in queries.items():
+            rows = getattr(self, f"rows_{modality}")[items]
+            total = query @ rows.T if total is None else total.addmm_(query.to(total.dtype), rows.T.to(total.dtype))
+        return total
+
     def similarities(self, item_seq, item_seq_len, masked: frozenset[str] = frozenset(),
                      query_scale: torch.Tensor | None = None) -> torch.Tensor | None:
         """``(batch, items)``: recency-weighted mean cosine to the query items over the unmasked modalities,
-        times ``query_scale`` ``(batch, 1)`` (folded into the queries: no pass over the result); the query
-        items themselves 0. One product per modality, accumulated into one buffer."""
+        times ``query_scale`` ``(batch, 1)``; the query items themselves 0."""
         modalities = [m for m in self.modalities if m not in masked]
         if not modalities:
             return None
-        items, weights = self.query_items(item_seq, item_seq_len)
-        scale = weights / len(modalities) if query_scale is None else weights * (query_scale / len(modalities))
-        total = None
-        for modality in modalities:
-            rows = getattr(self, f"rows_{modality}")
-            query = (scale.unsqueeze(2).to(rows.dtype) * rows[items]).sum(1)  # (batch, width)
-            total = query @ rows.T if total is None else total.addmm_(query.to(total.dtype), rows.T.to(total.dtype))
-        return total.scatter_(1, items, 0.0)  # never the query items themselves
+        items, queries = self.queries(item_seq, item_seq_len, modalities, query_scale)
+        return self.similarity_block(queries).scatter_(1, items, 0.0)  # never the query items themselves
 
     def item_weights(self, unknown: torch.Tensor | None = None) -> torch.Tensor:
         """``sigmoid(a + b log(1 + n_i))``; ``unknown`` rows count as never trained on (``n = 0``)."""
@@ -93,16 +110,33 @@ class FeatureNeighbourTerm(nn.Module):
         ``absent`` rows (cold items in training, not yet in the catalogue) get 0, as their table rows;
         ``unknown`` rows (their ID dropped this step, ``id_dropout``) are weighed as new items, so the
         weight of a new item is learned from training positives (DropoutNet's idea) rather than
-        extrapolated from the counts of warm ones.
+        extrapolated from the counts of warm ones. Without gradients (evaluation) the term is added
+        :meth:`in_item_blocks`, so a score batch needs no second ``(batch, items)`` buffer.
         """
-        user = F.softplus(self.user_weight(seq_output))  # (batch, 1)
-        knn = self.similarities(item_seq, item_seq_len, masked, query_scale=user)
-        if knn is None:
+        modalities = [m for m in self.modalities if m not in masked]
+        if not modalities:
             return scores
-        items = self.item_weights(unknown)
+        user = F.softplus(self.user_weight(seq_output))  # (batch, 1)
+        item_weights = self.item_weights(unknown)
         if absent is not None:
-            items = items.masked_fill(absent, 0.0)
-        return scores.addcmul_(knn.to(scores.dtype), items.to(scores.dtype))
+            item_weights = item_weights.masked_fill(absent, 0.0)
+        query_items, queries = self.queries(item_seq, item_seq_len, modalities, query_scale=user)
+        if not torch.is_grad_enabled():
+            return self.in_item_blocks(scores, queries, query_items, item_weights.to(scores.dtype))
+        knn = self.similarity_block(queries).scatter_(1, query_items, 0.0)
+        return scores.addcmul_(knn.to(scores.dtype), item_weights.to(scores.dtype))
+
+    def in_item_blocks(self, scores: torch.Tensor, queries: dict[str, torch.Tensor], query_items: torch.Tensor,
+                       item_weights: torch.Tensor) -> torch.Tensor:
+        """Add the term to ``scores`` a block of items at a time (``eval_block_bytes`` of similarities at
+        once), and give the query items back their scores without it: exactly the one-buffer sum, at
+        evaluation's memory budget (``ranking.size_eval_batch`` sizes one score matrix per batch)."""
+        kept = scores.gather(1, query_items)
+        block = max(1, self.eval_block_bytes // (scores.element_size() * max(1, len(scores))))
+        for start in range(0, scores.shape[1], block):
+            items = slice(start, start + block)
+            scores[:, items].addcmul_(self.similarity_block(queries, items).to(scores.dtype), item_weights[items])
+        return scores.scatter_(1, query_items, kept)
 
     def forward(self, seq_output, item_seq, item_seq_len, masked: frozenset[str] = frozenset(),
                 absent: torch.Tensor | None = None, unknown: torch.Tensor | None = None) -> torch.Tensor:
