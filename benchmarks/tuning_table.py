@@ -77,7 +77,7 @@ def main(argv=None) -> None:
         at_default = [t for t in trials if t["params"] == default]
         rows.append((model, best, at_default[0]["test"]["ndcg@10"] if at_default else None, len(trials)))
     rows.sort(key=lambda row: -row[1]["test"]["ndcg@10"])
-    print(f"| model | best setting (valid NDCG@10) | valid NDCG@10 | test NDCG@10 | default setting's test | trials |")
+    print("| model | best setting (valid NDCG@10) | valid NDCG@10 | test NDCG@10 | default setting's test | trials |")
     print("|---|---|---|---|---|---|")
     for model, best, default_test, count in rows:
         setting = ", ".join(f"{k} {v:g}" for k, v in best["params"].items())

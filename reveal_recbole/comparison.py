@@ -30,7 +30,7 @@ REPORT_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 # models and the package's multimodal peers on the same features, then "peer + REVEAL" rows.
 SUITES: dict[str, tuple[str, ...]] = {
     "peers": ("SASRec", "SASRecREVEAL", "FeatureKNN", "SASRecF", "FDSA", "GRU4RecF", "UniSRec", "M3SRec",
-              "SASRecF[avl=True]", "M3SRec[avl=True]"),
+              "MISSRec", "SASRecF[avl=True]", "M3SRec[avl=True]"),
 }
 BUCKET_METRICS = ("ndcg@10", "recall@20")
 TABLE_BUCKETS = ("all", "warm", "cold", "head", "torso", "tail")

@@ -1,3 +1,4 @@
+from reveal_recbole.trainer.missrec import MISSRecTrainer
 from reveal_recbole.trainer.trainer import REVEALTrainer
 
-__all__ = ["REVEALTrainer"]
+__all__ = ["MISSRecTrainer", "REVEALTrainer"]
