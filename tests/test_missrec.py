@@ -15,8 +15,15 @@ from reveal_recbole.resources import properties_dir
 from reveal_recbole.trainer import MISSRecTrainer
 
 from conftest import assert_report_metrics
-from test_peer_models import (eval_batch, first_batch, moved_columns, prepared, scores_after_perturbing,
-                              train_one_epoch, users_without)
+from test_peer_models import (
+    eval_batch,
+    first_batch,
+    moved_columns,
+    prepared,
+    scores_after_perturbing,
+    train_one_epoch,
+    users_without,
+)
 
 
 def test_nearest_centres_in_blocks_is_the_brute_force_argmin():

@@ -59,7 +59,8 @@ TRAIN_STAGES = ("transductive_ft", "inductive_ft")
 ITEM_FUSIONS = ("static", "dynamic_shared", "dynamic_instance")
 
 
-def kmeans_step(points: torch.Tensor, k: int, generator: torch.Generator, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans_step(points: torch.Tensor, k: int, generator: torch.Generator,
+                block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Their interest clustering: ``k`` distinct points as centres, one assignment and mean update, then the
     final assignment to the new centres. Returns ``(centres (k, d), assignment (n,))``; an empty cluster
     keeps its centre. Distances are computed ``block`` points at a time."""
