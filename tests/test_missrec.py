@@ -16,6 +16,7 @@ from reveal_recbole.trainer import MISSRecTrainer
 
 from conftest import assert_report_metrics
 from test_peer_models import (
+    assert_predict_agrees_with_full_sort_predict,
     eval_batch,
     first_batch,
     moved_columns,
@@ -123,15 +124,11 @@ def test_inductive_missrec_has_no_id_table_and_scores_an_item_from_its_features_
 @pytest.mark.parametrize("fusion", ["dynamic_shared", "dynamic_instance", "static"])
 def test_missrec_predict_agrees_with_full_sort_predict(tiny_config, fusion):
     run = prepared(tiny_config, "MISSRec", item_mm_fusion=fusion)
-    model = run.model.eval()
     if fusion != "static":
         with torch.no_grad():
-            model.fusion_factor.fill_(2.0)  # away from the plain mean
-    interaction = eval_batch(run)
-    with torch.no_grad():
-        full = model.full_sort_predict(interaction)
-        interaction.update(type(interaction)({model.ITEM_ID: torch.full((len(full),), 5)}))
-        torch.testing.assert_close(model.predict(interaction), full[:, 5], rtol=1e-4, atol=1e-4)
+            run.model.fusion_factor.copy_(torch.linspace(1.0, 3.0, run.model.fusion_factor.numel())
+                                          .view_as(run.model.fusion_factor))  # away from the plain mean
+    assert_predict_agrees_with_full_sort_predict(run)
 
 
 def test_the_dynamic_fusion_weighs_each_modalitys_cosine_by_a_softmax(tiny_config):

@@ -115,14 +115,18 @@ def test_m3srec_scoring_with_ids_as_the_authors_ignores_a_candidates_features(ti
     assert moved_columns(before, after, users_without(sequences, 7)) == set()
 
 
-def test_m3srec_predict_agrees_with_full_sort_predict(tiny_config):
-    run = prepared(tiny_config, "M3SRec")
+def assert_predict_agrees_with_full_sort_predict(run, item: int = 5) -> None:
+    """``predict`` on one candidate per user scores it as ``full_sort_predict``'s column does."""
     model = run.model.eval()
     interaction = eval_batch(run)
     with torch.no_grad():
         full = model.full_sort_predict(interaction)
-        interaction.update(type(interaction)({model.ITEM_ID: torch.full((len(full),), 5)}))
-        torch.testing.assert_close(model.predict(interaction), full[:, 5], rtol=1e-4, atol=1e-4)
+        interaction.update(type(interaction)({model.ITEM_ID: torch.full((len(full),), item)}))
+        torch.testing.assert_close(model.predict(interaction), full[:, item], rtol=1e-4, atol=1e-4)
+
+
+def test_m3srec_predict_agrees_with_full_sort_predict(tiny_config):
+    assert_predict_agrees_with_full_sort_predict(prepared(tiny_config, "M3SRec"))
 
 
 def test_m3srec_masks_image_and_text_in_both_branches(tiny_config):
