@@ -12,10 +12,10 @@ their ``script/run01.sh`` / ``run03.sh``: fine-tuning with no pre-training).
   clusters (theirs: random distinct points as centres, one assignment and mean update, then every point
   assigned to the nearest new centre). A sequence's interest tokens are the distinct clusters of its
   items' text and image rows (:meth:`MISSRec.interest_tokens`).
-- An ``nn.Transformer`` (post-LN, GELU, ``n_layers / 2`` encoder and as many decoder layers, at least one
-  each): the encoder reads the interest tokens (the cluster centres, no position), the decoder the items,
-  with no causal mask, cross-attending to the encoded interests; the sequence is the decoder's output at
-  the last item, L2-normalised.
+- Their ``nn.Transformer``, built as its encoder and decoder (post-LN, GELU, ``n_layers / 2`` encoder and
+  as many decoder layers, at least one each): the encoder reads the interest tokens (the cluster centres,
+  no position), the decoder the items, with no causal mask, cross-attending to the encoded interests; the
+  sequence is the decoder's output at the last item, L2-normalised.
 - Scores (:meth:`MISSRec.fused_logits`): cosines to each modality's adapted rows, mixed per user and item by
   ``softmax(f * [cos_text, cos_image])`` (``item_mm_fusion: dynamic_shared``: one learned ``f``, 0 at
   start); transductive: ``(cos_id + 2 * mixed) / 3``; over ``temperature`` (0.07). Loss: cross-entropy
@@ -150,12 +150,21 @@ class MISSRec(SequentialRecommender):
         id_table = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0) if stage == "transductive_ft" else None
         self.position_embedding = nn.Embedding(self.max_seq_length, self.hidden_size)
         half = max(1, config["n_layers"] // 2)  # theirs: n_layers split between the encoder and the decoder
-        self.transformer = nn.Transformer(
-            d_model=self.hidden_size, nhead=config["n_heads"], num_encoder_layers=half, num_decoder_layers=half,
-            dim_feedforward=config["inner_size"], dropout=config["hidden_dropout_prob"], activation="gelu",
-            layer_norm_eps=config["layer_norm_eps"], batch_first=True,
-        )
-        self.LayerNorm = nn.LayerNorm(self.hidden_size, eps=config["layer_norm_eps"])
+        layer = {"d_model": self.hidden_size, "nhead": config["n_heads"], "dim_feedforward": config["inner_size"],
+                 "dropout": config["hidden_dropout_prob"], "activation": "gelu",
+                 "layer_norm_eps": config["layer_norm_eps"], "batch_first": True}
+        # their nn.Transformer, as its two halves (each with its final LayerNorm); no nested-tensor fast path,
+        # a prototype that warns at every evaluation
+        eps = config["layer_norm_eps"]
+        self.interest_encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer), half,
+                                                      norm=nn.LayerNorm(self.hidden_size, eps=eps),
+                                                      enable_nested_tensor=False)
+        self.item_decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer), half,
+                                                  norm=nn.LayerNorm(self.hidden_size, eps=eps))
+        for parameter in (*self.interest_encoder.parameters(), *self.item_decoder.parameters()):
+            if parameter.dim() > 1:
+                nn.init.xavier_uniform_(parameter)  # nn.Transformer's own reset, before the init below
+        self.LayerNorm = nn.LayerNorm(self.hidden_size, eps=eps)
         self.dropout = nn.Dropout(config["hidden_dropout_prob"])
         self.loss_fct = nn.CrossEntropyLoss()
         self.apply(self._init_weights)
@@ -214,10 +223,10 @@ class MISSRec(SequentialRecommender):
         """The normalised sequence representation ``(B, H)`` and the encoded interests' orthogonality term."""
         interests = self.interest_tokens(item_seq)
         interest_padding = interests == 0
-        memory = self.transformer.encoder(self.interest_embeddings[interests], src_key_padding_mask=interest_padding)
+        memory = self.interest_encoder(self.interest_embeddings[interests], src_key_padding_mask=interest_padding)
         positions = torch.arange(item_seq.shape[1], device=item_seq.device)
         items = self.dropout(self.LayerNorm(self.item_embedding(item_seq) + self.position_embedding(positions)))
-        output = self.transformer.decoder(items, memory, tgt_key_padding_mask=item_seq == 0,
+        output = self.item_decoder(items, memory, tgt_key_padding_mask=item_seq == 0,
                                           memory_key_padding_mask=interest_padding)
         sequence = F.normalize(self.gather_indexes(output, item_seq_len - 1), dim=-1)
         return sequence, self.interest_regularisation(memory, interest_padding)
