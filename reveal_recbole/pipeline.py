@@ -37,7 +37,7 @@ def prepare_data(config, dataset=None) -> tuple[Any, Any, Any, Any]:
     """Seed, then the dataset (``create_dataset`` unless one is given) and RecBole's split."""
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config) if dataset is None else dataset
-    size_eval_batch(config, dataset.item_num)
+    size_eval_batch(config, dataset.item_num, getattr(get_model(config["model"]), "eval_score_buffers", 1))
     train_data, valid_data, test_data = data_preparation(config, dataset)
     return dataset, train_data, valid_data, test_data
 

@@ -84,30 +84,35 @@ def top_k_items(scores: torch.Tensor, k: int) -> torch.Tensor:
     return items.gather(1, order)
 
 
-def size_eval_batch(config, n_items: int) -> None:
-    """Cap ``eval_batch_size`` so a full-sort score batch stays within ``eval_score_budget_mb``, unless the user set it.
+def size_eval_batch(config, n_items: int, score_buffers: int = 1) -> None:
+    """Cap ``eval_batch_size`` so a full-sort batch's scores fit ``eval_score_budget_mb``, unless the user set it.
 
     RecBole's full ranking scores ``eval_batch_size`` users at once for a sequential model (one row
     per user, ``FullSortEvalDataLoader``): ``overall.yaml``'s 4096 users x 1M items is 16 GB of
-    float32. A general model's loader already takes ``eval_batch_size // n_items`` users, so only
-    sequential models are capped. One log line says what was chosen and why.
+    float32. ``score_buffers``: how many ``(users, items)`` float32 matrices the model's
+    ``full_sort_predict`` holds at once (a model's ``eval_score_buffers``: 1 for a plain product,
+    more for the peers that mix several score matrices). A general model's loader already takes
+    ``eval_batch_size // n_items`` users, so only sequential models are capped. One log line says
+    what was chosen and why.
     """
     if config["MODEL_TYPE"] != ModelType.SEQUENTIAL or config["eval_score_budget_mb"] is None:
         return
     rows = config["eval_batch_size"]
-    budget_rows = max(1, int(config["eval_score_budget_mb"] * 2**20) // (SCORE_BYTES * n_items))
+    row_bytes = SCORE_BYTES * n_items * score_buffers
+    budget_rows = max(1, int(config["eval_score_budget_mb"] * 2**20) // row_bytes)
     if rows <= budget_rows:
         return
-    budget, scores_gb = config["eval_score_budget_mb"], rows * n_items * SCORE_BYTES / 2**30
+    budget, scores_gb = config["eval_score_budget_mb"], rows * row_bytes / 2**30
+    held = "" if score_buffers == 1 else f" ({score_buffers} score matrices held at once by {config['model']})"
     if "eval_batch_size" in user_given(config):
         getLogger().warning(
             f"eval_batch_size {rows} (set by you) scores {rows} users x {n_items:,} items at once: {scores_gb:.1f} GB "
-            f"of float32 per evaluation batch (eval_score_budget_mb {budget} would take {budget_rows})"
+            f"of float32 per evaluation batch{held} (eval_score_budget_mb {budget} would take {budget_rows})"
         )
         return
     config["eval_batch_size"] = budget_rows
     getLogger().info(
         f"eval_batch_size {budget_rows} (sized to the catalogue: {rows} users x {n_items:,} items would be "
-        f"{scores_gb:.1f} GB of float32 scores per evaluation batch, over eval_score_budget_mb {budget}; "
+        f"{scores_gb:.1f} GB of float32 scores per evaluation batch{held}, over eval_score_budget_mb {budget}; "
         "set eval_batch_size to choose)"
     )

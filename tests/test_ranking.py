@@ -8,6 +8,8 @@ import pytest
 import torch
 from recbole.utils import ModelType
 
+from reveal_recbole.config import Config
+from reveal_recbole.pipeline import prepare_data
 from reveal_recbole.ranking import size_eval_batch, target_ranks, top_k_items
 
 INF = math.inf
@@ -88,6 +90,23 @@ def test_eval_batch_size_is_capped_to_the_score_budget_when_not_set(caplog):
         size_eval_batch(config, 1_000_000)
     assert config["eval_batch_size"] == 512 * 2**20 // (4 * 1_000_000) == 134  # 134 x 1M x 4 bytes < 512 MiB
     assert "eval_batch_size 134 (sized to the catalogue: 4096 users x 1,000,000 items would be 15.3 GB" in caplog.text
+
+
+def test_a_model_holding_several_score_matrices_gets_a_batch_that_fits_them_all(caplog):
+    config = FakeConfig({}, model="MISSRec")
+    with caplog.at_level(logging.INFO):
+        size_eval_batch(config, 1_000_000, score_buffers=7)
+    assert config["eval_batch_size"] == 512 * 2**20 // (4 * 1_000_000 * 7) == 19
+    assert "7 score matrices held at once by MISSRec" in caplog.text
+
+
+@pytest.mark.parametrize("model, buffers", [("SASRecREVEAL", 1), ("M3SRec", 4), ("MISSRec", 7)])
+def test_the_pipeline_sizes_the_batch_with_the_models_own_score_matrices(tiny_config, model, buffers):
+    """SASRecREVEAL's neighbour term adds to the scores in item blocks: one matrix; the peers hold more."""
+    keys = {k: v for k, v in tiny_config.items() if k != "eval_batch_size"} | {"eval_score_budget_mb": 1}
+    config = Config(model=model, dataset="scientific", config_dict=keys)
+    dataset = prepare_data(config)[0]
+    assert config["eval_batch_size"] == 2**20 // (4 * dataset.item_num * buffers)
 
 
 def test_eval_batch_size_stays_where_the_scores_fit_or_the_user_chose(caplog):
