@@ -31,7 +31,7 @@ def test_nearest_centres_in_blocks_is_the_brute_force_argmin():
     g = torch.Generator().manual_seed(0)
     points, centres = torch.randn(50, 4, generator=g), torch.randn(7, 4, generator=g)
     expected = torch.cdist(points, centres).argmin(1)
-    assert torch.equal(nearest_centres(points, centres, block=6), expected)
+    assert torch.equal(nearest_centres(points, centres, block_bytes=6 * 7 * 4), expected)  # 6 points a block
 
 
 def test_kmeans_step_moves_each_centre_to_the_mean_of_its_points_then_reassigns():
@@ -39,14 +39,14 @@ def test_kmeans_step_moves_each_centre_to_the_mean_of_its_points_then_reassigns(
     blobs = torch.cat([torch.randn(20, 2, generator=g) * 0.1 + torch.tensor(c) for c in ([0.0, 0.0], [5.0, 5.0])])
     starts = blobs[torch.randperm(40, generator=torch.Generator().manual_seed(3))[:2]]  # the step's first centres
     first = torch.cdist(blobs, starts).argmin(1)
-    centres, assignment = kmeans_step(blobs, 2, torch.Generator().manual_seed(3), block=7)
+    centres, assignment = kmeans_step(blobs, 2, torch.Generator().manual_seed(3), block_bytes=7 * 2 * 4)
     for cluster in range(2):  # one mean update from the first assignment
         torch.testing.assert_close(centres[cluster], blobs[first == cluster].mean(0))
     assert torch.equal(assignment, torch.cdist(blobs, centres).argmin(1))  # then every point to its nearest centre
     # two well-separated blobs: one step finds them
     assert len(set(assignment[:20].tolist())) == 1 and len(set(assignment[20:].tolist())) == 1
     assert assignment[0] != assignment[20]
-    same = kmeans_step(blobs, 2, torch.Generator().manual_seed(3), block=40)
+    same = kmeans_step(blobs, 2, torch.Generator().manual_seed(3), block_bytes=2**20)
     assert torch.equal(same[1], assignment)  # the block size changes nothing
 
 
@@ -67,7 +67,7 @@ def test_interests_cover_every_items_text_and_image_row_and_padding_stays_0(tiny
     encoder = model.item_embedding
     with torch.no_grad():
         text = encoder.adaptors["text"](encoder.feature_tables["text"][1:])
-    nearest = nearest_centres(text, model.interest_embeddings[1:], block=64) + 1
+    nearest = nearest_centres(text, model.interest_embeddings[1:], block_bytes=2**20) + 1
     text_row = list(encoder.modalities).index("text")
     assert torch.equal(model.interest_lookup[text_row, 1:], nearest)
 

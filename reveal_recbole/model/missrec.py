@@ -32,7 +32,7 @@ Where ours differs, and why:
   longest interest list.
 - The k-means reads its first centres from a generator seeded by the run's seed and the epoch (theirs: the
   numpy stream), so every DDP rank finds the same interests; an empty cluster keeps its centre.
-- The points are assigned in blocks (``interest_block`` points at a time): the assignment is ``points x
+- The points are assigned in blocks (``interest_block_mb`` of distances at a time): the assignment is ``points x
   interests x hidden`` work, ``items^2`` at ``interest_ratio`` 0.5 (theirs: one block, ``2 items x items``
   distances in memory). Lower ``interest_ratio`` on a large catalogue (BENCHMARKS.md "MISSRec").
 - A sequence's interest tokens are deduplicated by one sort per batch, not a Python loop per sequence.
@@ -60,21 +60,23 @@ ITEM_FUSIONS = ("static", "dynamic_shared", "dynamic_instance")
 
 
 def kmeans_step(points: torch.Tensor, k: int, generator: torch.Generator,
-                block: int) -> tuple[torch.Tensor, torch.Tensor]:
+                block_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Their interest clustering: ``k`` distinct points as centres, one assignment and mean update, then the
     final assignment to the new centres. Returns ``(centres (k, d), assignment (n,))``; an empty cluster
-    keeps its centre. Distances are computed ``block`` points at a time."""
+    keeps its centre. Distances are computed ``block_bytes`` of them at a time."""
     order = torch.randperm(len(points), generator=generator)[:k].to(points.device)
     centres = points[order].clone()
-    assignment = nearest_centres(points, centres, block)
+    assignment = nearest_centres(points, centres, block_bytes)
     sums = torch.zeros_like(centres).index_add_(0, assignment, points)
     counts = torch.bincount(assignment, minlength=k).unsqueeze(1)
     centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
-    return centres, nearest_centres(points, centres, block)
+    return centres, nearest_centres(points, centres, block_bytes)
 
 
-def nearest_centres(points: torch.Tensor, centres: torch.Tensor, block: int) -> torch.Tensor:
-    """Index of each point's nearest centre (squared Euclidean distance), ``block`` points at a time."""
+def nearest_centres(points: torch.Tensor, centres: torch.Tensor, block_bytes: int) -> torch.Tensor:
+    """Index of each point's nearest centre (squared Euclidean distance), as many points at a time as
+    ``block_bytes`` of float32 distances hold (at least one)."""
+    block = max(1, block_bytes // (4 * len(centres)))
     centre_norms = (centres ** 2).sum(1)
     nearest = torch.empty(len(points), dtype=torch.long, device=points.device)
     for start in range(0, len(points), block):
@@ -150,7 +152,7 @@ class MISSRec(SequentialRecommender):
         self.hidden_size = config["hidden_size"]
         self.temperature, self.gamma = config["temperature"], config["gamma"]
         self.initializer_range = config["initializer_range"]
-        self.interest_block = config["interest_block"]
+        self.interest_block_bytes = int(config["interest_block_mb"] * 2**20)
         self.seed = config["seed"] or 0
         id_table = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0) if stage == "transductive_ft" else None
         self.position_embedding = nn.Embedding(self.max_seq_length, self.hidden_size)
@@ -209,7 +211,7 @@ class MISSRec(SequentialRecommender):
         encoder = self.item_embedding
         points = torch.cat([encoder.adaptors[m](encoder.feature_tables[m][1:]) for m in encoder.modalities]).float()
         generator = torch.Generator().manual_seed(self.seed * 1000 + epoch + 1)
-        centres, assignment = kmeans_step(points, self.num_interests, generator, self.interest_block)
+        centres, assignment = kmeans_step(points, self.num_interests, generator, self.interest_block_bytes)
         self.interest_embeddings[1:] = centres.to(self.interest_embeddings.dtype)
         self.interest_lookup[:, 1:] = (assignment + 1).view(len(encoder.modalities), -1)
 
