@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from recbole.config import Config as RecBoleConfig
 from recbole.model.sequential_recommender import SASRecF as RecBoleSASRecF
 from recbole.utils import FeatureType
@@ -27,6 +28,7 @@ from reveal_recbole.model.feature_peers import DenseFeatureSeqEmbLayer, FeatureA
 from reveal_recbole.pipeline import prepare_data, prepare_run
 from reveal_recbole.quick_start import run_reveal
 from reveal_recbole.registry import get_model, get_trainer
+from reveal_recbole.resources import properties_dir
 from reveal_recbole.trainer import REVEALTrainer
 from reveal_recbole.trainer.avl import AdaptiveVisualLearning, masked_losses
 
@@ -208,3 +210,12 @@ def test_a_peer_with_reveal_parts_is_measured_against_the_peer():
             (("SASRec", 0.1), ("SASRecREVEAL[avl=False]", 0.11), ("SASRecF", 0.2), ("SASRecF[avl=True]", 0.22))]
     gains = relative_improvement(rows, "ndcg@10")
     assert gains == pytest.approx({"SASRecREVEAL[avl=False]": 0.1, "SASRecF[avl=True]": 0.1})
+
+
+def test_sasrecf_yaml_carries_the_fve_keys_so_peer_plus_fve_reaches_the_loop():
+    """SASRecF + FVE (issue 21) read fve_select_fraction & co., absent from its yaml before (a TypeError)."""
+    base = yaml.safe_load((properties_dir() / "reveal_base.yaml").read_text(encoding="utf-8"))
+    ours = yaml.safe_load((properties_dir() / "model" / "SASRecF.yaml").read_text(encoding="utf-8"))
+    keys = [k for k in base if k.startswith("fve_") or k == "image_dir"]
+    assert len(keys) > 15
+    assert {k: ours.get(k, "missing") for k in keys} == {k: base[k] for k in keys}

@@ -189,3 +189,4 @@ def test_missrec_runs_through_run_reveal_with_buckets_cold_split_and_utilisation
     assert_report_metrics(result["test_result"])
     assert result["buckets"]["cold"]["n"] > 0
     assert set(result["utilisation"]["drop"]) == {"image", "text"}
+
