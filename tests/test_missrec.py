@@ -57,6 +57,8 @@ def test_missrec_is_registered_with_its_trainer():
 
 def test_interests_cover_every_items_text_and_image_row_and_padding_stays_0(tiny_config):
     model = prepared(tiny_config, "MISSRec").model
+    assert not model.interests_found  # found before training or at the first forward, not at build
+    model.discover_interests(epoch=-1)
     n = model.n_items
     assert model.num_interests == n - 1  # interest_ratio 0.5 of 2 modalities x (n - 1) items
     assert model.interest_lookup.shape == (2, n)
@@ -91,7 +93,7 @@ def test_missrec_trains_and_finds_its_interests_again_every_epoch(tiny_config):
     with torch.no_grad():
         start = float(run.model.eval().calculate_loss(batch))
     run.model.train()
-    first_centres = run.model.interest_embeddings.clone()
+    first_centres = run.model.interest_embeddings.clone()  # found by the first forward above
     first = train_one_epoch(run)
     for epoch in range(1, 3):
         run.trainer._train_epoch(run.train_data, epoch)
@@ -147,9 +149,9 @@ def test_missrec_masks_image_and_text_for_the_diagnostics(tiny_config):
     run = prepared(tiny_config, "MISSRec")
     model = run.model.eval()
     interaction = eval_batch(run)
-    lookup = model.interest_lookup.clone()
     with torch.no_grad():
-        full = model.full_sort_predict(interaction)
+        full = model.full_sort_predict(interaction)  # finds the interests: none before
+        lookup = model.interest_lookup.clone()
         with model.item_embedding.masking(["image"]):
             assert torch.count_nonzero(model.item_embedding.adapted("image")) == 0
             masked = model.full_sort_predict(interaction)
@@ -190,3 +192,12 @@ def test_missrec_runs_through_run_reveal_with_buckets_cold_split_and_utilisation
     assert result["buckets"]["cold"]["n"] > 0
     assert set(result["utilisation"]["drop"]) == {"image", "text"}
 
+
+
+def test_a_loaded_checkpoint_keeps_its_interests_and_finds_none_again(tiny_config):
+    trained = prepared(tiny_config, "MISSRec").model
+    trained.discover_interests(epoch=3)
+    fresh = prepared(tiny_config, "MISSRec").model
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.interests_found
+    assert torch.equal(fresh.interest_lookup, trained.interest_lookup)

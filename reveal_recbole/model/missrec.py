@@ -188,7 +188,10 @@ class MISSRec(SequentialRecommender):
         self.register_buffer("interest_lookup", torch.zeros(len(modalities), self.n_items, dtype=torch.long))
         # AVL's running means (mean L_v, mean L_t, count), as REVEALRecommender keeps them
         self.register_buffer("avl_running_losses", torch.zeros(3, dtype=torch.float64))
-        self.discover_interests(epoch=-1)  # a model evaluated before any training has interests too
+        # the trainer finds the interests before every epoch and a checkpoint carries them; a model scored
+        # with neither finds them at its first forward, not here (at 100k items that is 10 CPU-minutes)
+        self.interests_found = False
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "interests_found", True))
 
     def _init_weights(self, module: nn.Module) -> None:
         """Theirs: N(0, initializer_range) Linear and Embedding weights, zero biases, unit LayerNorms."""
@@ -214,6 +217,7 @@ class MISSRec(SequentialRecommender):
         centres, assignment = kmeans_step(points, self.num_interests, generator, self.interest_block_bytes)
         self.interest_embeddings[1:] = centres.to(self.interest_embeddings.dtype)
         self.interest_lookup[:, 1:] = (assignment + 1).view(len(encoder.modalities), -1)
+        self.interests_found = True
 
     def interest_tokens(self, item_seq: torch.Tensor) -> torch.Tensor:
         """``(B, T)``: each sequence's distinct interests over its items' modalities, 0-padded (their per-sequence
@@ -228,6 +232,8 @@ class MISSRec(SequentialRecommender):
 
     def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalised sequence representation ``(B, H)`` and the encoded interests' orthogonality term."""
+        if not self.interests_found:
+            self.discover_interests(epoch=-1)
         interests = self.interest_tokens(item_seq)
         interest_padding = interests == 0
         memory = self.interest_encoder(self.interest_embeddings[interests], src_key_padding_mask=interest_padding)
