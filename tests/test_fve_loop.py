@@ -588,3 +588,26 @@ def test_fve_holds_out_the_cold_share_and_reads_no_review_of_a_held_out_item(fve
     assert cold_tokens & reviewed and reviewed - cold_tokens  # the fixture reviews held-out and other items
     assert all(not run.texts[token].reviews for token in cold_tokens & reviewed)
     assert all(run.texts[token].reviews == all_texts[token].reviews for token in reviewed - cold_tokens)
+
+
+def test_a_feature_peer_trains_on_each_rounds_image_features(fve_config, tmp_path, monkeypatch):
+    """SASRecF reads images as the item field ``image_feature``: FVE's round features must reach that field."""
+    built, build_model = [], FVERun.build_model
+
+    def record(self, features):
+        model = build_model(self, features)
+        built.append((model, features))
+        return model
+
+    monkeypatch.setattr(FVERun, "build_model", record)
+    config = {**fve_config, "modalities": ["image", "text"], "epochs": 1}
+    result = run_fve("SASRecF", DATASET, rounds=0, config_dict=config, encoder=StandInEncoder(),
+                     critic=OfflineCritic(), output_dir=tmp_path / "peer")
+    assert result["kept_round"] == 0 and len(built) == 1
+    model, features = built[0]
+    table = model.feature_embed_layer.item_feat["image_feature"].cpu()
+    dataset = model.feature_embed_layer.dataset
+    ids = [dataset.token2id(dataset.iid_field, token) for token in item_tokens(Path(fve_config["data_path"]))]
+    assert table.shape[1] == StandInEncoder.dim  # the encoder's width, not the dataset's image files'
+    np.testing.assert_allclose(table[ids[NO_IMAGE:]].numpy(), features[NO_IMAGE:], rtol=1e-5, atol=1e-6)
+    assert "text_feature" in model.feature_embed_layer.item_feat.columns

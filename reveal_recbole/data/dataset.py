@@ -183,6 +183,10 @@ class MultimodalSequentialDataset(SequentialDataset):
             normalise=config["feature_norm"] == "l2",  # once, here: frozen encoder tables then share these rows
         )
 
+    def set_item_features(self, modality: str, features: ItemFeatures) -> None:
+        """Give ``modality`` these aligned rows (FVE attaches each round's image features so)."""
+        self.item_features = {**self.item_features, modality: features}
+
     def _download(self):
         require_dataset_files(self.config, multimodal=True)
 

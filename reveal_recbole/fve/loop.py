@@ -441,7 +441,7 @@ class FVERun:
             self.tokens, features, dataset.field2token_id[dataset.iid_field], dataset.item_num,
             source="FVE image features",
         )
-        dataset.item_features = {**dataset.item_features, IMAGE: aligned}
+        dataset.set_item_features(IMAGE, aligned)
 
     def save_features(self, features: np.ndarray) -> Path:
         """The kept image features, and the other modalities' files, as one ``feature_dir``."""
