@@ -51,6 +51,8 @@ image with a region once per arm: minutes at 3,000 items).
     OMP_NUM_THREADS=1 python benchmarks/bench_fve_world.py --world synthetic_clutter_sparse --cold-share 0.2 \
         --rounds 1 --region-items 500 --config fve_cache_dir=saved/bench-fve-world/cache   # sparse, cold (issue 22)
     OMP_NUM_THREADS=1 python benchmarks/bench_fve_world.py --combine a.json b.json   # one table from two runs' seeds
+    OMP_NUM_THREADS=1 python benchmarks/bench_fve_world.py --model SASRecF --world synthetic_clutter_sparse \
+        --rounds 1 --arms FVE "no prompt"   # a peer's rows: peer (no prompt) and peer + FVE (issue 21)
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ import shlex
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -201,9 +203,12 @@ def round_report(run: FVERun, state: FVEState, features: np.ndarray) -> dict:
 
 def run_arms(seed: int, data_root: Path, encoder: AlignedPromptEncoder, out: Path, rounds: int,
              config: dict, dataset: str = WORLD, critic: Callable[[], Critic] = OfflineCritic,
-             cold_share: float = 0.0, region_items: int | None = None, model: str = MODEL) -> dict[str, list[dict]]:
-    """The four arms for one seed: per arm, one :func:`round_report` per round (the control's and the every-item
-    arm's round 0 is FVE's). All arms read the same :func:`seed_world` (with ``cold_share``: the same cold split)."""
+             cold_share: float = 0.0, region_items: int | None = None, model: str = MODEL,
+             arms: Sequence[str] = ARMS) -> dict[str, list[dict]]:
+    """The ``arms`` (default all four) for one seed: per arm, one :func:`round_report` per round (the control's
+    and the every-item arm's round 0 is FVE's); an arm left out has no rows. All arms read the same
+    :func:`seed_world` (with ``cold_share``: the same cold split)."""
+    check_arms(arms)
     config = {**QUICK, **config, "seed": seed, "checkpoint_dir": str(out / "saved")}
     if cold_share:  # the items held out of every interaction stay in the catalogue (as cold_item_share leaves them)
         config.setdefault("load_col", {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id"]})
@@ -217,22 +222,35 @@ def run_arms(seed: int, data_root: Path, encoder: AlignedPromptEncoder, out: Pat
         reports["FVE"].append(round_report(run, state, features))
         if state.round == 0:  # the control and every-item arms start from this very round 0
             for arm, folder in (("control", control_dir), ("every item", every_dir)):
+                if arm not in arms:
+                    continue
                 shutil.copytree(fve_dir, folder, dirs_exist_ok=True)
                 reports[arm].append(reports["FVE"][0])
 
     run_fve(model, dataset, rounds=rounds, config_dict=config, encoder=encoder, critic=critic(),
             output_dir=fve_dir, on_round=fve_round)
-    every_review = [r for texts in read_reviews(data_root / dataset / f"{dataset}.reviews").values() for r in texts]
-    control = RandomReviewWordsCritic(critic(), seed=seed, fallback_words=review_vocabulary(every_review))
-    run_fve(model, dataset, rounds=rounds, config_dict=config, encoder=encoder, critic=control, output_dir=control_dir,
-            on_round=lambda run, state, features: reports["control"].append(round_report(run, state, features)))
-    run_fve(model, dataset, rounds=1, config_dict={**config, "fve_select_fraction": 1.0}, encoder=encoder,
-            critic=critic(), output_dir=every_dir,
-            on_round=lambda run, state, features: reports["every item"].append(round_report(run, state, features)))
-    uniform = UniformPoolingEncoder(encoder.backbone, encoder.text_encoder, encoder.head)
-    run_fve(model, dataset, rounds=0, config_dict=config, encoder=uniform, output_dir=out / f"uniform-{seed}",
-            on_round=lambda run, state, features: reports["no prompt"].append(round_report(run, state, features)))
+    if "control" in arms:
+        every_review = [r for texts in read_reviews(data_root / dataset / f"{dataset}.reviews").values() for r in texts]
+        control = RandomReviewWordsCritic(critic(), seed=seed, fallback_words=review_vocabulary(every_review))
+        run_fve(model, dataset, rounds=rounds, config_dict=config, encoder=encoder, critic=control,
+                output_dir=control_dir,
+                on_round=lambda run, state, features: reports["control"].append(round_report(run, state, features)))
+    if "every item" in arms:
+        run_fve(model, dataset, rounds=1, config_dict={**config, "fve_select_fraction": 1.0}, encoder=encoder,
+                critic=critic(), output_dir=every_dir,
+                on_round=lambda run, state, features: reports["every item"].append(round_report(run, state, features)))
+    if "no prompt" in arms:
+        uniform = UniformPoolingEncoder(encoder.backbone, encoder.text_encoder, encoder.head)
+        run_fve(model, dataset, rounds=0, config_dict=config, encoder=uniform, output_dir=out / f"uniform-{seed}",
+                on_round=lambda run, state, features: reports["no prompt"].append(round_report(run, state, features)))
     return reports
+
+
+def check_arms(arms: Sequence[str]) -> None:
+    """Known arm names, FVE among them (the others start from its round 0 or are compared with it)."""
+    unknown = set(arms) - set(ARMS)
+    if unknown or "FVE" not in arms:
+        raise SystemExit(f"--arms: choose among {list(ARMS)}, FVE included (got {list(arms)})")
 
 
 # ----------------------------------------------------------------------------- the table
@@ -255,7 +273,7 @@ def table(results: dict[int, dict[str, list[dict]]]) -> str:
     ]
     seeds = sorted(results)
     for arm in ARMS:
-        for index in range(max(len(results[s][arm]) for s in seeds)):
+        for index in range(max(len(results[s].get(arm, [])) for s in seeds)):
             rows = [results[s][arm][index] for s in seeds if index < len(results[s][arm])]
             attention = [row["attention"] or {} for row in rows]
             kept = sum(row["kept"] for row in rows) if index else "-"
@@ -278,12 +296,12 @@ def bucket_table(results: dict[int, dict[str, list[dict]]], metric: str = "ndcg@
     lines = [f"| arm | round | {' | '.join(BUCKETS)} |", "|---|---|" + "---|" * len(BUCKETS)]
     counts: dict[str, list[int]] = {bucket: [] for bucket in BUCKETS}
     for arm in ARMS:
-        for index in range(max(len(results[s][arm]) for s in seeds)):
+        for index in range(max(len(results[s].get(arm, [])) for s in seeds)):
             rows = [results[s][arm][index] for s in seeds if index < len(results[s][arm])]
             rows = [row["buckets"] for row in rows if row.get("buckets")]
             if not rows:
                 continue
-            if arm == ARMS[0] and index == 0:
+            if not counts[BUCKETS[0]]:  # the first row's targets: the arms of a seed share one split
                 for bucket in BUCKETS:
                     counts[bucket] = [row[bucket]["n"] for row in rows]
             cells = [_stat([row[bucket][metric] for row in rows]) for bucket in BUCKETS]
@@ -300,7 +318,7 @@ def versus_buckets(results: dict[int, dict[str, list[dict]]], metric: str = "ndc
     seeds = [s for s in sorted(results) if results[s]["FVE"][-1].get("buckets")]
     report: dict[str, dict] = {}
     for arm in ARMS:
-        if arm == "FVE" or not seeds:
+        if arm == "FVE" or not seeds or not all(results[s].get(arm) for s in seeds):
             continue
         report[arm] = {}
         for bucket in BUCKETS:
@@ -337,7 +355,7 @@ def versus(results: dict[int, dict[str, list[dict]]]) -> dict[str, dict]:
     fve = [results[s]["FVE"][-1]["test_ndcg@10"] for s in seeds]
     spread = float(np.std(fve, ddof=1)) if len(fve) > 1 else math.nan
     return {arm: {"per_seed": [f - results[s][arm][-1]["test_ndcg@10"] for f, s in zip(fve, seeds)],
-                  "fve_seed_std": spread} for arm in ARMS if arm != "FVE"}
+                  "fve_seed_std": spread} for arm in ARMS if arm != "FVE" and all(results[s].get(arm) for s in seeds)}
 
 
 # ----------------------------------------------------------------------------- what the features carry
@@ -404,7 +422,7 @@ def combined(paths: list[Path]) -> tuple[dict[int, dict[str, list[dict]]], dict]
     reports = [json.loads(Path(path).read_text(encoding="utf-8")) for path in paths]
     first = reports[0]
     for report in reports[1:]:
-        for key in ("model", "rounds", "world", "config", "prompt_template", "cold_item_share"):
+        for key in ("model", "rounds", "world", "config", "prompt_template", "cold_item_share", "arms"):
             if report.get(key) != first.get(key):
                 raise SystemExit(f"--combine: the runs differ in {key}: {first.get(key)!r} vs {report.get(key)!r}")
     results = {int(seed): arms for report in reports for seed, arms in report["results"].items()}
@@ -477,6 +495,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
                         help="further config keys for every run (values read as yaml), e.g. feature_trainable=False")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), metavar="ARM",
+                        help=f"the arms to run, FVE included (default all: {', '.join(ARMS)}); the 'peer' rows need "
+                             "only FVE and 'no prompt'")
     parser.add_argument("--probe", action="store_true",
                         help="only print what the features carry under each kind of prompt (no training; a minute)")
     parser.add_argument("--prompt-template", default=None,
@@ -510,14 +531,15 @@ def main(argv: list[str] | None = None) -> dict:
             overrides["fve_prompt_template"] = args.prompt_template
         results[seed] = run_arms(seed, args.data_root, encoder, work / f"seed-{seed}", args.rounds, overrides,
                                  dataset=args.world, cold_share=args.cold_share, region_items=args.region_items,
-                                 model=args.model)
+                                 model=args.model, arms=args.arms)
         logging.info("seed %d done after %.0f s", seed, time.perf_counter() - begin)
     report = {"model": args.model, "seeds": args.seeds, "rounds": args.rounds, "budget": QUICK,
               "world": world_command(args.world),
               "dataset": args.world, "cold_item_share": args.cold_share or None,
               "cold_items": args.cold_items if args.cold_share else None, "region_items": args.region_items,
               "prompt_template": args.prompt_template or "the paper's (fve.prompt.DEFAULT_TEMPLATE)",
-              "config": args.config, "aligner": ALIGNER_FLAGS, "seconds": time.perf_counter() - begin}
+              "config": args.config, "arms": args.arms, "aligner": ALIGNER_FLAGS,
+              "seconds": time.perf_counter() - begin}
     text = write_report(report, results, args.results, stamp)
     print(text)
     return report

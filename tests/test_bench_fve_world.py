@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 from pytest import approx
 
 from conftest import load_script
@@ -111,3 +112,19 @@ def test_combine_makes_one_report_from_two_runs(tmp_path):
     assert text.startswith("Model: SASRecREVEAL; world: synthetic_clutter_sparse; cold_item_share 0.2 "
                            "(cold_items: features); seeds 1, 2")
     assert "| FVE | 0 | 0.1000 ± 0.0000 |" in text and "| test targets | - | 3 ± 0 |" in text
+
+
+def test_arms_left_out_have_no_rows_and_no_comparison(fve_config, tmp_path):  # noqa: F811
+    """--arms FVE "no prompt": the peer rows alone, the tables and differences without the skipped arms."""
+    module = bench()
+    data_root = Path(fve_config["data_path"])
+    config = {k: v for k, v in fve_config.items() if k not in ("seed", "data_path", "checkpoint_dir")}
+    reports = module.run_arms(7, data_root, tiny_encoder(), tmp_path / "bench", 1, {**config, "fve_keep_alpha": 1.0},
+                              dataset=DATASET, arms=("FVE", "no prompt"))
+    assert [len(reports[arm]) for arm in module.ARMS] == [1, 2, 0, 0]
+    assert not (tmp_path / "bench" / "control-7").exists() and not (tmp_path / "bench" / "every-7").exists()
+    results = {7: reports}
+    assert set(module.versus(results)) == {"no prompt"}
+    assert "control" not in module.table(results) and "every item" not in module.table(results)
+    with pytest.raises(SystemExit, match="FVE included"):
+        module.run_arms(7, data_root, tiny_encoder(), tmp_path / "x", 1, config, dataset=DATASET, arms=("no prompt",))
