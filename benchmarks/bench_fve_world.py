@@ -432,6 +432,19 @@ def combined(paths: list[Path]) -> tuple[dict[int, dict[str, list[dict]]], dict]
     return results, first
 
 
+def claim_work_folder(root: Path, stamp: str) -> tuple[Path, str]:
+    """``root/<stamp>``, made by this run alone (``-2``, ``-3``, ... when a run started in the same second
+    has it): the stamp also names the report, which a parallel run would otherwise overwrite."""
+    root.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", *(f"-{n}" for n in range(2, 1000))):
+        try:
+            (root / f"{stamp}{suffix}").mkdir()
+        except FileExistsError:
+            continue
+        return root / f"{stamp}{suffix}", f"{stamp}{suffix}"
+    raise SystemExit(f"{root}: no free folder for stamp {stamp}")
+
+
 def write_report(report: dict, results: dict[int, dict[str, list[dict]]], results_dir: Path, stamp: str) -> str:
     """The markdown of ``report`` (tables, extraction, FVE minus each control), written beside its JSON."""
     report.update(seeds=sorted(results), results=results, extraction=extraction(results), fve_minus=versus(results),
@@ -521,7 +534,7 @@ def main(argv: list[str] | None = None) -> dict:
         text = probe(args.data_root / args.world, encoder)
         print(text)
         return {"probe": text}
-    work = args.work / stamp
+    work, stamp = claim_work_folder(args.work, stamp)
     cold = {"cold_items": args.cold_items} if args.cold_share else {}
     results = {}
     for seed in args.seeds:

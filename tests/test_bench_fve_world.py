@@ -128,3 +128,10 @@ def test_arms_left_out_have_no_rows_and_no_comparison(fve_config, tmp_path):  # 
     assert "control" not in module.table(results) and "every item" not in module.table(results)
     with pytest.raises(SystemExit, match="FVE included"):
         module.run_arms(7, data_root, tiny_encoder(), tmp_path / "x", 1, config, dataset=DATASET, arms=("no prompt",))
+
+
+def test_runs_started_in_the_same_second_get_their_own_folder_and_report_name(tmp_path):
+    module = bench()
+    first, second = (module.claim_work_folder(tmp_path, "20261203-085854") for _ in range(2))
+    assert first == (tmp_path / "20261203-085854", "20261203-085854")
+    assert second == (tmp_path / "20261203-085854-2", "20261203-085854-2") and second[0].is_dir()

@@ -133,6 +133,25 @@ def test_missrec_predict_agrees_with_full_sort_predict(tiny_config, fusion):
     assert_predict_agrees_with_full_sort_predict(run)
 
 
+@pytest.mark.parametrize("stage", ["transductive_ft", "inductive_ft"])
+@pytest.mark.parametrize("fusion", ["dynamic_shared", "dynamic_instance", "static"])
+def test_ranking_without_gradients_in_place_gives_the_training_scores(tiny_config, fusion, stage):
+    """The catalogue's scores without gradients (buffers reused) equal the differentiable ones, masked or not."""
+    model = prepared(tiny_config, "MISSRec", item_mm_fusion=fusion, train_stage=stage).model.eval()
+    if fusion != "static":
+        with torch.no_grad():
+            model.fusion_factor.copy_(torch.linspace(-2.0, 3.0, model.fusion_factor.numel())
+                                      .view_as(model.fusion_factor))
+    sequence = torch.nn.functional.normalize(torch.randn(4, model.hidden_size), dim=-1)
+    for masked in ((), ("image",)):
+        with model.item_embedding.masking(masked):
+            differentiable = model.fused_logits(sequence)
+            with torch.no_grad():
+                in_place = model.fused_logits(sequence)
+        assert differentiable.requires_grad and not in_place.requires_grad
+        torch.testing.assert_close(in_place, differentiable.detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_the_dynamic_fusion_weighs_each_modalitys_cosine_by_a_softmax(tiny_config):
     model = prepared(tiny_config, "MISSRec", train_stage="inductive_ft").model.eval()
     sequence = torch.nn.functional.normalize(torch.randn(3, model.hidden_size), dim=-1)

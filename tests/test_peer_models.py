@@ -77,6 +77,27 @@ def test_wasserstein_matmul_agrees_with_the_pairwise_distance():
     assert float(pairwise[0, 1]) == pytest.approx(float(by_hand), rel=1e-5)
 
 
+def test_wasserstein_matmul_gradients_and_batched_heads_agree_with_the_pairwise_distance():
+    """The one-product form (row terms added in place) keeps autograd's gradients and works per attention head."""
+    g = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(2, 3, 4, 5, generator=g), torch.rand(2, 3, 4, 5, generator=g) + 0.1,
+              torch.randn(2, 3, 6, 5, generator=g), torch.rand(2, 3, 6, 5, generator=g) + 0.1]
+    grads = []
+    for distance in ("matmul", "pairwise"):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        mean1, cov1, mean2, cov2 = leaves
+        if distance == "matmul":
+            value = wasserstein_distance_matmul(mean1, cov1, mean2, cov2)
+        else:
+            value = wasserstein_distance(mean1[..., :, None, :], cov1[..., :, None, :],
+                                         mean2[..., None, :, :], cov2[..., None, :, :])
+        (value * torch.linspace(0, 1, value.numel()).view_as(value)).sum().backward()
+        grads.append((value.detach(), [leaf.grad for leaf in leaves]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-4)
+    for matmul, pairwise in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(matmul, pairwise, rtol=1e-4, atol=1e-4)
+
+
 def test_m3srec_is_registered_with_the_reveal_trainer():
     assert get_model("M3SRec") is M3SRec
     assert get_trainer(None, "M3SRec") is REVEALTrainer

@@ -100,9 +100,10 @@ def test_a_model_holding_several_score_matrices_gets_a_batch_that_fits_them_all(
     assert "7 score matrices held at once by MISSRec" in caplog.text
 
 
-@pytest.mark.parametrize("model, buffers", [("SASRecREVEAL", 1), ("M3SRec", 4), ("MISSRec", 7)])
+@pytest.mark.parametrize("model, buffers", [("SASRecREVEAL", 1), ("M3SRec", 1), ("MISSRec", 3)])
 def test_the_pipeline_sizes_the_batch_with_the_models_own_score_matrices(tiny_config, model, buffers):
-    """SASRecREVEAL's neighbour term adds to the scores in item blocks: one matrix; the peers hold more."""
+    """SASRecREVEAL's neighbour term adds to the scores in item blocks and M3SRec's distances are one product:
+    one matrix; MISSRec holds its two modalities' cosines and their mix weight."""
     keys = {k: v for k, v in tiny_config.items() if k != "eval_batch_size"} | {"eval_score_budget_mb": 1}
     config = Config(model=model, dataset="scientific", config_dict=keys)
     dataset = prepare_data(config)[0]

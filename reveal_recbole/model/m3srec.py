@@ -42,6 +42,9 @@ Where ours differs, and why:
   target and one uniform negative per training sequence (RecBole's prefix augmentation gives the
   (prefix, next item) pairs their per-position loss sums over); their unused ``user_margins`` is left out.
 - Frozen feature tables by default (``feature_trainable``; they fine-tune), shared with the dataset.
+- Distances between every sequence and every item (:func:`wasserstein_distance_matmul`) are one product of
+  ``[mean, sqrt cov]`` rows with the row terms added into its buffer (the same value): ranking a
+  catalogue holds one ``(users, items)`` matrix where their two products and sums held four.
 
 Image and text masking (``item_embedding.masking``), per-modality parameters for AVL and the
 diagnostics go through :class:`GaussianItemEncoders`, which masks both encoders at once: the
@@ -80,13 +83,16 @@ def wasserstein_distance(mean1, cov1, mean2, cov2) -> torch.Tensor:
 
 
 def wasserstein_distance_matmul(mean1, cov1, mean2, cov2) -> torch.Tensor:
-    """The same distance between every row of ``(.., n, d)`` inputs 1 and every row of ``(.., m, d)`` inputs 2."""
-    means = (mean1 ** 2).sum(-1, keepdim=True) + (mean2 ** 2).sum(-1, keepdim=True).transpose(-1, -2) \
-        - 2 * mean1 @ mean2.transpose(-1, -2)
-    sqrt1, sqrt2 = cov1.clamp(min=1e-24).sqrt(), cov2.clamp(min=1e-24).sqrt()
-    covs = cov1.sum(-1, keepdim=True) + cov2.sum(-1, keepdim=True).transpose(-1, -2) \
-        - 2 * sqrt1 @ sqrt2.transpose(-1, -2)
-    return means + covs
+    """The same distance between every row of ``(.., n, d)`` inputs 1 and every row of ``(.., m, d)`` inputs 2.
+
+    ``|m1|^2 + sum c1 + |m2|^2 + sum c2 - 2 [m1, sqrt c1] . [m2, sqrt c2]``: one product, the row terms added
+    into its buffer, so ranking a catalogue holds one ``(n, m)`` matrix (the authors' form, two products and
+    their sums, held four)."""
+    left = torch.cat([mean1, cov1.clamp(min=1e-24).sqrt()], -1)
+    right = torch.cat([mean2, cov2.clamp(min=1e-24).sqrt()], -1)
+    left_rows = (mean1 ** 2).sum(-1, keepdim=True) + cov1.sum(-1, keepdim=True)
+    right_rows = ((mean2 ** 2).sum(-1, keepdim=True) + cov2.sum(-1, keepdim=True)).transpose(-1, -2)
+    return (left @ right.transpose(-1, -2)).mul_(-2).add_(left_rows).add_(right_rows)
 
 
 class GaussianItemEncoders(nn.Module):
@@ -194,10 +200,9 @@ class WassersteinLayer(nn.Module):
 class M3SRec(SequentialRecommender):
     """STOSA over items fused from ID, image and text by the REVEAL authors' mixture of experts."""
 
-    # (users, items) matrices alive at once in full_sort_predict (ranking.size_eval_batch): the mean distances
-    # and their product term, then the covariance ones beside them; peak resident growth measured 3.7 score
-    # matrices at 256 users x 200k items
-    eval_score_buffers = 4
+    # (users, items) matrices alive at once in full_sort_predict (ranking.size_eval_batch): the one distance
+    # product, the row terms added in place (benchmarks/bench_eval_memory.py: 1.00 per user at 100k items)
+    eval_score_buffers = 1
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -297,7 +302,7 @@ class M3SRec(SequentialRecommender):
         with self.item_embedding.shared_table():
             mean, cov = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
             item_mean, item_cov = self.item_embedding.candidates()
-        return -wasserstein_distance_matmul(mean, cov, item_mean, item_cov)
+        return wasserstein_distance_matmul(mean, cov, item_mean, item_cov).neg_()
 
 
 register_model(M3SRec, MultimodalSequentialDataset, REVEALTrainer)

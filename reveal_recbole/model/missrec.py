@@ -85,6 +85,18 @@ def nearest_centres(points: torch.Tensor, centres: torch.Tensor, block_bytes: in
     return nearest
 
 
+def softmax_mix(first: torch.Tensor, second: torch.Tensor, factor: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """``softmax(f * [a, b]) . [a, b]`` as ``b + sigmoid(f (a - b)) (a - b)``; ``in_place`` (no gradients) reuses
+    ``first`` and ``second``: one more buffer, not four."""
+    if not in_place:
+        gap = first - second
+        return second + torch.sigmoid(factor * gap) * gap
+    gap = first.sub_(second)
+    del first
+    weight = torch.mul(gap, factor).sigmoid_()
+    return second.add_(weight.mul_(gap))
+
+
 class MISSRecItemEncoder(nn.Module):
     """Each modality's adapted rows (and the ID table when transductive), maskable as the REVEAL encoder."""
 
@@ -124,10 +136,10 @@ class MISSRecItemEncoder(nn.Module):
 class MISSRec(SequentialRecommender):
     """An interest encoder and an item decoder over adapted text and image rows (see the module docstring)."""
 
-    # (users, items) matrices alive at once in full_sort_predict (ranking.size_eval_batch): the modalities'
-    # cosines, their gap, its weight and product, the mix, the ID cosines; peak resident growth measured
-    # 6.5 score matrices at 256 users x 200k items
-    eval_score_buffers = 7
+    # (users, items) matrices alive at once in full_sort_predict (ranking.size_eval_batch): the two modalities'
+    # cosines and the mix's weight, the rest written in place (fused_logits; benchmarks/bench_eval_memory.py:
+    # 3.00 per user at 100k items)
+    eval_score_buffers = 3
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -253,7 +265,12 @@ class MISSRec(SequentialRecommender):
 
     def fused_logits(self, sequence: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
         """Cosine scores over ``items`` (every item when None), the modalities mixed per user and item, over the
-        temperature. ``(B, items)`` for a catalogue, ``(B,)`` for one item per row."""
+        temperature. ``(B, items)`` for a catalogue, ``(B,)`` for one item per row.
+
+        Ranking the catalogue without gradients, each step writes into a buffer it no longer needs (the same
+        formula): 3 ``(B, items)`` matrices at once instead of 7 (:attr:`eval_score_buffers`)."""
+        in_place = items is None and not torch.is_grad_enabled()
+
         def cosines(rows: torch.Tensor) -> torch.Tensor:
             rows = F.normalize(rows, dim=-1)
             return sequence @ rows.T if items is None else (sequence * rows).sum(-1)
@@ -261,19 +278,18 @@ class MISSRec(SequentialRecommender):
         encoder = self.item_embedding
         per_modality = [cosines(encoder.adapted(m, items)) for m in encoder.modalities]
         if len(per_modality) == 1:
-            mixed = per_modality[0]
+            mixed = per_modality.pop()
         elif self.item_fusion == "static":
-            mixed = (per_modality[0] + per_modality[1]) / 2
-        else:  # softmax over two modalities: the first one's weight is sigmoid(f * (a - b))
+            first, second = per_modality.pop(0), per_modality.pop()
+            mixed = first.add_(second).div_(2) if in_place else (first + second) / 2
+        else:
             factor = self.fusion_factor if self.item_fusion == "dynamic_shared" or items is None \
                 else self.fusion_factor[items]
-            first, second = per_modality
-            gap = first - second
-            mixed = second + torch.sigmoid(factor * gap) * gap
+            mixed = softmax_mix(per_modality.pop(0), per_modality.pop(), factor, in_place)
         if encoder.id_embedding is not None:
-            ids = encoder.id_embedding.weight if items is None else encoder.id_embedding(items)
-            mixed = (cosines(ids) + 2 * mixed) / 3
-        return mixed / self.temperature
+            ids = cosines(encoder.id_embedding.weight if items is None else encoder.id_embedding(items))
+            mixed = mixed.mul_(2).add_(ids).div_(3) if in_place else (ids + 2 * mixed) / 3
+        return mixed.div_(self.temperature) if in_place else mixed / self.temperature
 
     def calculate_loss(self, interaction):
         sequence, regularisation = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
