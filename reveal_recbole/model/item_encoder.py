@@ -266,6 +266,49 @@ class FeatureTables(nn.Module):
                                       error_msgs)
 
 
+class AdaptedFeatureEncoder(nn.Module):
+    """Items as their feature rows through one adaptor per modality (plus an ID row when given an ID table).
+
+    The item encoder of the peers that read features through their own adaptors (UniSRec's MoE adaptor,
+    MISSRec's linear ones), maskable and split per modality as :class:`REVEALItemEncoder` is for AVL and the
+    diagnostics. How an item's modalities combine is the model's (its subclass).
+    """
+
+    score_with = "fused"  # candidates are scored with their features (target buckets, cold items)
+
+    def __init__(self, id_embedding: nn.Embedding | None, features: Mapping[str, ItemFeatures],
+                 adaptors: Mapping[str, nn.Module], feature_trainable: bool):
+        super().__init__()
+        self.id_embedding = id_embedding
+        self.modalities = tuple(features)
+        self.masked_modalities: frozenset[str] = frozenset()
+        self.feature_tables = FeatureTables(feature_trainable)
+        for modality, rows in features.items():
+            self.feature_tables.add(modality, rows.values.clone() if feature_trainable else rows.values)
+        self.adaptors = nn.ModuleDict(adaptors)
+
+    def masking(self, modalities: Iterable[str]) -> contextlib.AbstractContextManager:
+        """Remove ``modalities`` inside the block: their adapted rows are zero."""
+        return masked_modalities(self, modalities)
+
+    def modality_parameters(self, modality: str) -> list[nn.Parameter]:
+        if modality not in self.modalities:
+            raise KeyError(f"modality {modality!r} not in encoder modalities {self.modalities}")
+        return [p for p in (self.feature_tables[modality], *self.adaptors[modality].parameters()) if p.requires_grad]
+
+    def adapted(self, modality: str, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The adaptor's output for ``ids`` (any shape; every item when None); zero while masked."""
+        table = self.feature_tables[modality]
+        rows = self.adaptors[modality](table if ids is None else table[ids])
+        return torch.zeros_like(rows) if modality in self.masked_modalities else rows
+
+    def with_id(self, rows: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``rows`` plus the items' ID rows (transductive); ``rows`` alone without an ID table (inductive)."""
+        if self.id_embedding is None:
+            return rows
+        return rows + (self.id_embedding.weight if ids is None else self.id_embedding(ids))
+
+
 class REVEALItemEncoder(nn.Module):
     """Fuses an ID embedding with projected per-modality item features.
 

@@ -40,9 +40,7 @@ Where ours differs, and why:
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +49,7 @@ from torch import nn
 
 from reveal_recbole.data.dataset import MultimodalSequentialDataset, configured_modalities
 from reveal_recbole.errors import ConfigError
-from reveal_recbole.model.item_encoder import FeatureTables, masked_modalities
+from reveal_recbole.model.item_encoder import AdaptedFeatureEncoder
 from reveal_recbole.registry import register_model
 from reveal_recbole.trainer import MISSRecTrainer
 
@@ -97,40 +95,16 @@ def softmax_mix(first: torch.Tensor, second: torch.Tensor, factor: torch.Tensor,
     return second.add_(weight.mul_(gap))
 
 
-class MISSRecItemEncoder(nn.Module):
-    """Each modality's adapted rows (and the ID table when transductive), maskable as the REVEAL encoder."""
-
-    score_with = "fused"  # candidates are scored with their features (target buckets, cold items)
+class MISSRecItemEncoder(AdaptedFeatureEncoder):
+    """Each modality's rows through its own linear adaptor (and the ID table when transductive)."""
 
     def __init__(self, id_embedding: nn.Embedding | None, features: dict, hidden: int, feature_trainable: bool):
-        super().__init__()
-        self.id_embedding = id_embedding
-        self.modalities = tuple(features)
-        self.masked_modalities: frozenset[str] = frozenset()
-        self.feature_tables = FeatureTables(feature_trainable)
-        for modality, rows in features.items():
-            self.feature_tables.add(modality, rows.values.clone() if feature_trainable else rows.values)
-        self.adaptors = nn.ModuleDict({m: nn.Linear(rows.dim, hidden) for m, rows in features.items()})
-
-    def masking(self, modalities: Iterable[str]) -> contextlib.AbstractContextManager:
-        """Remove ``modalities`` inside the block: their adapted rows are zero."""
-        return masked_modalities(self, modalities)
-
-    def modality_parameters(self, modality: str) -> list[nn.Parameter]:
-        if modality not in self.modalities:
-            raise KeyError(f"modality {modality!r} not in encoder modalities {self.modalities}")
-        return [p for p in (self.feature_tables[modality], *self.adaptors[modality].parameters()) if p.requires_grad]
-
-    def adapted(self, modality: str, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The adaptor's output for ``ids`` (any shape; every item when None); zero while masked."""
-        table = self.feature_tables[modality]
-        rows = self.adaptors[modality](table if ids is None else table[ids])
-        return torch.zeros_like(rows) if modality in self.masked_modalities else rows
+        super().__init__(id_embedding, features, {m: nn.Linear(rows.dim, hidden) for m, rows in features.items()},
+                         feature_trainable)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """An item as the sequence reads it: the sum of its adapted modalities (and its ID row)."""
-        rows = sum(self.adapted(m, ids) for m in self.modalities)
-        return rows if self.id_embedding is None else rows + self.id_embedding(ids)
+        return self.with_id(sum(self.adapted(m, ids) for m in self.modalities), ids)
 
 
 class MISSRec(SequentialRecommender):

@@ -35,9 +35,6 @@ the diagnostics report UniSRec's text utilisation.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterable
-
 import torch
 import torch.nn.functional as F
 from recbole.model.sequential_recommender import SASRec
@@ -46,7 +43,7 @@ from torch import nn
 from reveal_recbole.data.dataset import MultimodalSequentialDataset, configured_modalities
 from reveal_recbole.data.features import ItemFeatures
 from reveal_recbole.errors import ConfigError
-from reveal_recbole.model.item_encoder import FeatureTables, masked_modalities
+from reveal_recbole.model.item_encoder import AdaptedFeatureEncoder
 from reveal_recbole.registry import register_model
 from reveal_recbole.trainer import REVEALTrainer
 
@@ -88,44 +85,17 @@ class MoEAdaptor(nn.Module):
         return sum(gates[..., k:k + 1] * expert(x) for k, expert in enumerate(self.experts))
 
 
-class UniSRecItemEncoder(nn.Module):
+class UniSRecItemEncoder(AdaptedFeatureEncoder):
     """``adaptor(x_i)`` (+ ``E_id[i]`` when transductive) for the input sequence and for every candidate."""
-
-    score_with = "fused"  # candidates are scored with their text (target buckets, cold items)
 
     def __init__(self, id_embedding: nn.Embedding | None, modality: str, features: ItemFeatures, hidden: int,
                  experts: int, dropout: float, feature_trainable: bool):
-        super().__init__()
-        self.id_embedding = id_embedding
-        self.modalities = (modality,)
-        self.masked_modalities: frozenset[str] = frozenset()
-        self.feature_tables = FeatureTables(feature_trainable)
-        self.feature_tables.add(modality, features.values.clone() if feature_trainable else features.values)
-        self.adaptor = MoEAdaptor(features.dim, hidden, experts, dropout)
-
-    @property
-    def modality(self) -> str:
-        return self.modalities[0]
-
-    def masking(self, modalities: Iterable[str]) -> contextlib.AbstractContextManager:
-        """Remove the text input inside the block (its adapted embedding is zero)."""
-        return masked_modalities(self, modalities)
-
-    def modality_parameters(self, modality: str) -> list[nn.Parameter]:
-        if modality not in self.modalities:
-            raise KeyError(f"modality {modality!r} not in encoder modalities {self.modalities}")
-        return [p for p in (self.feature_tables[modality], *self.adaptor.parameters()) if p.requires_grad]
+        super().__init__(id_embedding, {modality: features},
+                         {modality: MoEAdaptor(features.dim, hidden, experts, dropout)}, feature_trainable)
 
     def rows(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The item embeddings of ``ids`` (any shape), or of every item when ``ids`` is None."""
-        table = self.feature_tables[self.modality]
-        text = table if ids is None else table[ids]
-        embedding = self.adaptor(text)
-        if self.modality in self.masked_modalities:
-            embedding = torch.zeros_like(embedding)
-        if self.id_embedding is not None:
-            embedding = embedding + (self.id_embedding.weight if ids is None else self.id_embedding(ids))
-        return embedding
+        return self.with_id(self.adapted(self.modalities[0], ids), ids)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows(ids)
