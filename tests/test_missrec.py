@@ -220,3 +220,24 @@ def test_a_loaded_checkpoint_keeps_its_interests_and_finds_none_again(tiny_confi
     fresh.load_state_dict(trained.state_dict())
     assert fresh.interests_found
     assert torch.equal(fresh.interest_lookup, trained.interest_lookup)
+
+
+def test_evaluation_adapts_the_catalogue_once_per_parameter_state(tiny_config):
+    """Ranking batches reuse the adapted rows; a changed weight, training mode or gradients recompute them."""
+    model = prepared(tiny_config, "MISSRec").model.eval()
+    encoder = model.item_embedding
+    calls = []
+    encoder.adaptors["image"].register_forward_hook(lambda module, args, out: calls.append(out.shape[0]))
+    with torch.no_grad():
+        first = encoder.adapted("image")
+        again = encoder.adapted("image")
+        assert again is first and calls == [model.n_items]
+        encoder.adaptors["image"].weight.add_(1.0)  # an optimiser step or a loaded checkpoint
+        changed = encoder.adapted("image")
+        assert len(calls) == 2 and not torch.equal(changed, first)
+        torch.testing.assert_close(changed, encoder.adaptors["image"](encoder.feature_tables["image"]))  # 3rd call
+    encoder.adapted("image")  # with gradients: computed, not cached
+    model.train()
+    with torch.no_grad():
+        encoder.adapted("image")  # training mode (dropout in other adaptors, UniSRec's gate noise): computed
+    assert len(calls) == 5

@@ -286,10 +286,15 @@ class AdaptedFeatureEncoder(nn.Module):
         for modality, rows in features.items():
             self.feature_tables.add(modality, rows.values.clone() if feature_trainable else rows.values)
         self.adaptors = nn.ModuleDict(adaptors)
+        self._catalogue_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
 
     def masking(self, modalities: Iterable[str]) -> contextlib.AbstractContextManager:
         """Remove ``modalities`` inside the block: their adapted rows are zero."""
         return masked_modalities(self, modalities)
+
+    def train(self, mode: bool = True):
+        self._catalogue_cache.clear()
+        return super().train(mode)
 
     def modality_parameters(self, modality: str) -> list[nn.Parameter]:
         if modality not in self.modalities:
@@ -298,9 +303,24 @@ class AdaptedFeatureEncoder(nn.Module):
 
     def adapted(self, modality: str, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The adaptor's output for ``ids`` (any shape; every item when None); zero while masked."""
-        table = self.feature_tables[modality]
-        rows = self.adaptors[modality](table if ids is None else table[ids])
+        if ids is None:
+            rows = self.catalogue_rows(modality)
+        else:
+            rows = self.adaptors[modality](self.feature_tables[modality][ids])
         return torch.zeros_like(rows) if modality in self.masked_modalities else rows
+
+    def catalogue_rows(self, modality: str) -> torch.Tensor:
+        """Every item's adapted rows. In evaluation without gradients, computed once per state of the adaptor
+        and table: every ranking batch scores against the same rows (UniSRec's adaptor over a 100k-item
+        catalogue was three quarters of a batch's time)."""
+        table, adaptor = self.feature_tables[modality], self.adaptors[modality]
+        if self.training or torch.is_grad_enabled():
+            return adaptor(table)
+        key = tuple((t.data_ptr(), t._version) for t in (table, *adaptor.parameters()))
+        cached = self._catalogue_cache.get(modality)
+        if cached is None or cached[0] != key:
+            cached = self._catalogue_cache[modality] = (key, adaptor(table))
+        return cached[1]
 
     def with_id(self, rows: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """``rows`` plus the items' ID rows (transductive); ``rows`` alone without an ID table (inductive)."""
