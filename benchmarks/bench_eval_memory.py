@@ -77,17 +77,23 @@ def probe(model: str, root: Path, n_items: int, dims: tuple[int, int], users: in
 
 
 def table(rows: list[dict]) -> str:
+    """One line per (catalogue, model); time also as a ratio to SASRec's median in the same run, when it ran."""
     lines = ["| items | model | declared eval_score_buffers | measured per user, score matrices | "
-             "not per user, MB | all, at --batch users, score matrices | ms per batch (min / median) |",
-             "|---|---|---|---|---|---|---|"]
+             "not per user, MB | all, at --batch users, score matrices | ms per batch (min / median) | "
+             "ratio to SASRec (median) |", "|---|---|---|---|---|---|---|---|"]
+    baseline = {row["items"]: statistics.median(row["seconds"]) for row in rows
+                if row["model"] == "SASRec" and "seconds" in row}
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['items']:,} | {row['model']} | - | error: {row['error'][:80]} | - | - | - |")
+            lines.append(f"| {row['items']:,} | {row['model']} | - | error: {row['error'][:80]} | - | - | - | - |")
             continue
         ms = [s * 1000 for s in row["seconds"]]
+        ratio = "-"
+        if row["items"] in baseline:
+            ratio = f"{statistics.median(row['seconds']) / baseline[row['items']]:.2f}x"
         lines.append(f"| {row['items']:,} | {row['model']} | {row['declared']} | {row['per_user_matrices']:.2f} | "
                      f"{row['fixed_mb']:.0f} | {row['matrices_at_batch']:.2f} | "
-                     f"{min(ms):.0f} / {statistics.median(ms):.0f} |")
+                     f"{min(ms):.0f} / {statistics.median(ms):.0f} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -14,3 +14,4 @@ def test_probe_reports_the_declared_buffers_and_splits_the_growth(tmp_path, monk
     table = module.table([row, {"model": "M3SRec", "items": 2000, "error": "ValueError: x"}]).splitlines()
     assert len(table) == 4 and table[2].startswith(f"| 2,000 | MISSRec | {MISSRec.eval_score_buffers} | ")
     assert table[3].startswith("| 2,000 | M3SRec | - | error: ValueError: x |")
+    assert table[2].endswith("| - |")  # no SASRec row in this run: no ratio
