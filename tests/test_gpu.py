@@ -111,3 +111,23 @@ def test_one_gpu_ddp_run_through_nccl(gpu_config, monkeypatch):
                              port=str(free_port()))
     assert result is not None, "rank 0 put no result on the queue"
     assert_report_metrics(result["test_result"])
+
+
+@pytest.mark.parametrize("model", ["M3SRec", "MISSRec", "UniSRec", "SASRecF"])
+def test_a_peer_trains_on_cuda_and_ranks_as_on_the_cpu(gpu_config, model):
+    """The peers' CUDA paths (in-place ranking buffers, cached adapted rows): one epoch, then the catalogue's
+    scores on the GPU equal the same weights' scores on the CPU."""
+    from test_peer_models import eval_batch, prepared
+
+    run = prepared(gpu_config | {"avl": False}, model)
+    assert next(run.model.parameters()).is_cuda
+    loss = run.trainer._train_epoch(run.train_data, 0)
+    assert math.isfinite(float(loss if not isinstance(loss, tuple) else sum(loss)))
+    batch = eval_batch(run)
+    with torch.no_grad():
+        on_gpu = run.model.eval().full_sort_predict(batch).cpu()
+    cpu = prepared(gpu_config | {"avl": False, "use_gpu": False}, model)
+    cpu.model.load_state_dict({k: v.cpu() for k, v in run.model.state_dict().items()})
+    with torch.no_grad():
+        on_cpu = cpu.model.eval().full_sort_predict(batch.to("cpu"))
+    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-3)
