@@ -98,6 +98,17 @@ def test_wasserstein_matmul_gradients_and_batched_heads_agree_with_the_pairwise_
         torch.testing.assert_close(matmul, pairwise, rtol=1e-4, atol=1e-4)
 
 
+def test_wasserstein_matmul_keeps_the_row_terms_precision_under_half_precision_products():
+    """Under autocast the product is half precision: the distance must stay float32 as the out-of-place sum was."""
+    g = torch.Generator().manual_seed(3)
+    mean1, mean2 = torch.randn(2, 4, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    cov1, cov2 = torch.rand(2, 4, 8, generator=g) + 0.1, torch.rand(2, 5, 8, generator=g) + 0.1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        distance = wasserstein_distance_matmul(mean1, cov1, mean2, cov2)
+    assert distance.dtype == torch.float32
+    torch.testing.assert_close(distance, wasserstein_distance_matmul(mean1, cov1, mean2, cov2), rtol=0.05, atol=0.1)
+
+
 def test_m3srec_is_registered_with_the_reveal_trainer():
     assert get_model("M3SRec") is M3SRec
     assert get_trainer(None, "M3SRec") is REVEALTrainer

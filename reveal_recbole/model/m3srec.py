@@ -92,7 +92,11 @@ def wasserstein_distance_matmul(mean1, cov1, mean2, cov2) -> torch.Tensor:
     right = torch.cat([mean2, cov2.clamp(min=1e-24).sqrt()], -1)
     left_rows = (mean1 ** 2).sum(-1, keepdim=True) + cov1.sum(-1, keepdim=True)
     right_rows = ((mean2 ** 2).sum(-1, keepdim=True) + cov2.sum(-1, keepdim=True)).transpose(-1, -2)
-    return (left @ right.transpose(-1, -2)).mul_(-2).add_(left_rows).add_(right_rows)
+    product = left @ right.transpose(-1, -2)
+    # under autocast the product is half precision and the row terms float32: the sum is float32, as the
+    # authors' out-of-place form gives (attention adds a -2^32 mask to it, which half precision cannot hold)
+    product = product.to(torch.promote_types(product.dtype, torch.promote_types(left_rows.dtype, right_rows.dtype)))
+    return product.mul_(-2).add_(left_rows).add_(right_rows)
 
 
 class GaussianItemEncoders(nn.Module):
