@@ -219,3 +219,22 @@ def test_sasrecf_yaml_carries_the_fve_keys_so_peer_plus_fve_reaches_the_loop():
     keys = [k for k in base if k.startswith("fve_") or k == "image_dir"]
     assert len(keys) > 15
     assert {k: ours.get(k, "missing") for k in keys} == {k: base[k] for k in keys}
+
+
+def test_a_rounds_features_replace_their_own_field_and_never_an_item_files_field(tiny_config):
+    """set_item_features (FVE's rounds) rewrites the field this class made; an .item column of that name is refused."""
+    import dataclasses
+
+    from reveal_recbole.errors import ConfigError
+
+    config = Config(model="SASRecF", dataset=DATASET, config_dict=tiny_config)
+    dataset, train_data, _, _ = prepare_data(config)
+    split = train_data._dataset
+    image = split.item_features["image"]
+    doubled = dataclasses.replace(image, values=image.values * 2)
+    split.set_item_features("image", doubled)  # a new round's rows: the field follows
+    assert torch.equal(split.item_feat["image_feature"], image.values * 2)
+    split.field2type["brand_feature"] = FeatureType.TOKEN  # as a .item column named so would be
+    with pytest.raises(ConfigError, match=r"already has field\(s\) \['brand_feature'\], the names the brand features"):
+        split.set_item_features("brand", doubled)
+    assert split.field2type["brand_feature"] == FeatureType.TOKEN and "brand" not in split.item_features

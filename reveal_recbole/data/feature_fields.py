@@ -55,33 +55,37 @@ class FeatureFieldsDataset(MultimodalSequentialDataset):
     ``.item`` file's fields are what the model reads, as in RecBole.
     """
 
+    feature_field_names: frozenset[str] = frozenset()  # the item fields this class made (set again each round)
+
     def _change_feat_format(self):
         super()._change_feat_format()
         self.add_feature_fields()
 
     def add_feature_fields(self) -> None:
         """Add each modality's ``(item_num, dim)`` table to ``item_feat`` as a ``float_seq`` item field."""
-        tables = {feature_field(m): features.values for m, features in self.item_features.items()}
-        clash = [f for f in tables if f in self.field2type]
-        if clash:
-            raise ConfigError(
-                f"{self.dataset_name}: the .item file already has field(s) {clash}, the names the "
-                f"{', '.join(self.item_features)} features take: rename or unload those columns"
-            )
-        self.put_feature_fields(tables)
+        self.put_feature_fields({feature_field(m): features.values for m, features in self.item_features.items()})
 
     def set_item_features(self, modality: str, features) -> None:
         """The modality's rows, and its item field with them (the field is what the model embeds)."""
+        self.put_feature_fields({feature_field(modality): features.values})  # refused before anything changes
         super().set_item_features(modality, features)
-        self.put_feature_fields({feature_field(modality): features.values})
 
     def put_feature_fields(self, tables: dict[str, torch.Tensor]) -> None:
-        """Set these ``float_seq`` item fields, adding the ones ``item_feat`` lacks.
+        """Set these ``float_seq`` item fields, adding the ones ``item_feat`` lacks; a field of the ``.item``
+        file by the same name is refused, never overwritten.
 
         ``item_feat`` is shared by the splits RecBole copies from this dataset, so each sees them.
         """
         if not tables:
             return
+        clash = [f for f in tables if f in self.field2type and f not in self.feature_field_names]
+        if clash:
+            raise ConfigError(
+                f"{self.dataset_name}: the .item file already has field(s) {clash}, the names the "
+                f"{', '.join(f.removesuffix(FIELD_SUFFIX) for f in clash)} features take: "
+                "rename or unload those columns"
+            )
+        self.feature_field_names = self.feature_field_names | set(tables)
         for field, values in tables.items():
             self.field2type[field] = FeatureType.FLOAT_SEQ
             self.field2source[field] = FeatureSource.ITEM
