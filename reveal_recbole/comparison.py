@@ -25,6 +25,8 @@ from reveal_recbole.quick_start import run_reveal
 from reveal_recbole.registry import get_model
 
 REPORT_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+# The validation metric the tables report beside the test ones, to choose a row by (never by test).
+SELECTION_METRIC = "ndcg@10"
 # Named model lists for compare (``--model=peers``): each name expands to its specs, in this order.
 # peers: the ID-only baseline, REVEAL, the training-free feature baseline, RecBole's feature-aware
 # models and the package's multimodal peers on the same features, then "peer + REVEAL" rows.
@@ -71,7 +73,8 @@ def expand_suites(specs: list[str]) -> list[str]:
 
 
 def summarise(results: dict[str, list[dict]], metrics=REPORT_METRICS) -> list[dict]:
-    """Mean and sample std over seeds of each test metric, seconds per epoch, and utilisation drops."""
+    """Mean and sample std over seeds of each test metric, the mean best-valid NDCG@10 (None unless every run
+    recorded it), seconds per epoch, and utilisation drops."""
     summary = []
     for label, runs in results.items():
         row = {"model": label, "seeds": len(runs)}
@@ -79,6 +82,9 @@ def summarise(results: dict[str, list[dict]], metrics=REPORT_METRICS) -> list[di
             values = [float(r["test_result"][metric]) for r in runs]
             row[metric] = statistics.fmean(values)
             row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        valid = [float(r["best_valid_result"][SELECTION_METRIC]) for r in runs
+                 if SELECTION_METRIC in (r.get("best_valid_result") or {})]
+        row[f"valid_{SELECTION_METRIC}"] = statistics.fmean(valid) if len(valid) == len(runs) else None
         row["s_per_epoch"] = statistics.fmean(r["train_seconds"] / max(r["epochs"], 1) for r in runs)
         for modality in ("image", "text"):
             drops = [r["utilisation"]["drop"][modality]["ndcg@10"] for r in runs
@@ -151,14 +157,17 @@ def comparison_table(summary: list[dict], metrics=REPORT_METRICS) -> list[list[s
     """Markdown/CSV rows: mean +- std per metric (best mean marked ``*``), gain over the backbone, cost."""
     best = {m: max(row[m] for row in summary) for m in metrics}
     gains = {m: relative_improvement(summary, m) for m in ("ndcg@10", "recall@20")}
-    rows = [["model", "seeds", *metrics, "NDCG@10 vs backbone", "Recall@20 vs backbone",
+    rows = [["model", "seeds", *metrics, "valid NDCG@10", "NDCG@10 vs backbone", "Recall@20 vs backbone",
              "image-masked drop NDCG@10", "text-masked drop NDCG@10", "s/epoch"]]
     for row in summary:
         cells = [f"{row[m]:.4f} ± {row[m + '_std']:.4f}" + ("*" if row[m] == best[m] else "") for m in metrics]
         gain_cells = [f"{gains[m][row['model']]:+.1%}" if row["model"] in gains[m] else "" for m in gains]
         drops = [f"{row[k]:.4f}" if row[k] is not None else ""
                  for k in ("image_masked_drop_ndcg@10", "text_masked_drop_ndcg@10")]
-        rows.append([row["model"], str(row["seeds"]), *cells, *gain_cells, *drops, f"{row['s_per_epoch']:.1f}"])
+        valid = row.get(f"valid_{SELECTION_METRIC}")
+        valid_cell = "" if valid is None else f"{valid:.4f}"
+        rows.append([row["model"], str(row["seeds"]), *cells, valid_cell, *gain_cells, *drops,
+                     f"{row['s_per_epoch']:.1f}"])
     return rows
 
 
@@ -170,7 +179,7 @@ def markdown_table(rows: list[list[str]]) -> str:
 
 def _run_record(spec: str, result: dict) -> dict:
     """What the comparison table needs of one run, as JSON."""
-    keys = ("seed", "test_result", "epochs", "train_seconds", "utilisation", "buckets")
+    keys = ("seed", "test_result", "best_valid_result", "epochs", "train_seconds", "utilisation", "buckets")
     return json.loads(json.dumps({"spec": spec} | {k: result[k] for k in keys if k in result}, default=float))
 
 
@@ -220,8 +229,10 @@ def compare(models, dataset, seeds=None, config_file_list=None, config_dict=None
                 atomic_write_text(runs_file, json.dumps(records, indent=1) + "\n")
             results.setdefault(spec, []).append(finished[0])
     bucket_columns = [(b, key) for b in ("warm", "cold") for key in ("n", *BUCKET_METRICS)]
-    run_rows = [["model", "seed", *REPORT_METRICS, "epochs", "train_seconds", *(f"{b} {k}" for b, k in bucket_columns)]]
-    run_rows += [[r["spec"], r["seed"], *(r["test_result"][m] for m in REPORT_METRICS), r["epochs"],
+    run_rows = [["model", "seed", *REPORT_METRICS, f"valid {SELECTION_METRIC}", "epochs", "train_seconds",
+                 *(f"{b} {k}" for b, k in bucket_columns)]]
+    run_rows += [[r["spec"], r["seed"], *(r["test_result"][m] for m in REPORT_METRICS),
+                  (r.get("best_valid_result") or {}).get(SELECTION_METRIC, ""), r["epochs"],
                   f"{r['train_seconds']:.1f}", *(_bucket_value(r, b, k) for b, k in bucket_columns)]
                  for runs in results.values() for r in runs]
     rows = comparison_table(summarise(results))

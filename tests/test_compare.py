@@ -86,6 +86,13 @@ def test_compare_writes_one_table_of_both_models(compared):
             assert row[column].endswith("*") == (float(mean) == max(means)), (metric, row)
         assert any(row[column].endswith("*") for row in body)
 
+    # the best validation NDCG@10 each run reached is recorded and tabled beside the test metrics
+    valid = header.index("valid NDCG@10")
+    (runs_file,) = output_dir.glob("*-runs.json")
+    for row, record in zip(body, comparison.read_run_records(runs_file)):
+        assert float(row[valid]) == pytest.approx(record["best_valid_result"]["ndcg@10"], abs=5e-5)
+        assert float(row[valid]) == pytest.approx(float(results[row[0]][0]["best_valid_result"]["ndcg@10"]), abs=5e-5)
+
 
 def test_compare_gives_every_model_the_same_split(compared):
     _, _, _, splits = compared
@@ -120,6 +127,18 @@ def test_summary_over_seeds_marks_best_and_gain_over_backbone():
     assert gain == f"{0.082 / 0.072 - 1:+.1%}"
     assert body[0][header.index("NDCG@10 vs backbone")] == ""  # a baseline has no backbone
     assert body[2][header.index("image-masked drop NDCG@10")] == "0.0100"
+
+
+def test_valid_column_is_the_mean_best_valid_and_blank_for_runs_recorded_without_it():
+    """Rows are chosen by validation, never by test: the table carries each row's mean best-valid NDCG@10;
+    a runs file written before it was recorded gives a blank cell, not a mean of the runs that have it."""
+    with_valid = [fake_run(0.07, 0.2) | {"best_valid_result": {"ndcg@10": v}} for v in (0.080, 0.090)]
+    summary = comparison.summarise({"SASRec": with_valid, "GRU4Rec": [with_valid[0], fake_run(0.05, 0.1)]})
+    assert summary[0]["valid_ndcg@10"] == pytest.approx(0.085)
+    assert summary[1]["valid_ndcg@10"] is None
+    rows = comparison.comparison_table(summary)
+    column = rows[0].index("valid NDCG@10")
+    assert [row[column] for row in rows[1:]] == ["0.0850", ""]
 
 
 @pytest.mark.parametrize(
