@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from reveal_recbole.errors import ConfigError
-from reveal_recbole.model.missrec import MISSRec, kmeans_step, nearest_centres
+from reveal_recbole.model.missrec import MISSRec, kmeans_step, nearest_centres, warn_if_clustering_is_large
 from reveal_recbole.quick_start import run_reveal
 from reveal_recbole.registry import get_model, get_trainer
 from reveal_recbole.resources import properties_dir
@@ -241,3 +241,14 @@ def test_evaluation_adapts_the_catalogue_once_per_parameter_state(tiny_config):
     with torch.no_grad():
         encoder.adapted("image")  # training mode (dropout in other adaptors, UniSRec's gate noise): computed
     assert len(calls) == 5
+
+
+def test_a_clustering_that_grows_past_minutes_per_epoch_is_said_once_at_build(caplog):
+    """The per-epoch k-means is items^2 work: a catalogue where it costs minutes says so and how to lower it."""
+    with caplog.at_level("WARNING"):
+        warn_if_clustering_is_large(points=2 * 2000, interests=2000, hidden=64, ratio=0.5)
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        warn_if_clustering_is_large(points=2 * 100_000, interests=100_000, hidden=64, ratio=0.5)
+    (record,) = caplog.records
+    assert "interest_ratio" in record.getMessage() and "100,000 interests" in record.getMessage()

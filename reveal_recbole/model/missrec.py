@@ -41,6 +41,7 @@ Where ours differs, and why:
 from __future__ import annotations
 
 import math
+from logging import getLogger
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,21 @@ def nearest_centres(points: torch.Tensor, centres: torch.Tensor, block_bytes: in
         chunk = points[start:start + block]
         nearest[start:start + block] = (centre_norms - 2 * chunk @ centres.T).argmin(1)  # |x|^2 is the same per row
     return nearest
+
+
+# Multiply-adds of one epoch's clustering above which the model says so when it is built: ~2 minutes
+# on one CPU thread (BENCHMARKS.md "MISSRec's cost": 5e12 took 588 s at 100k items).
+CLUSTERING_WARN_MACS = 1e12
+
+
+def warn_if_clustering_is_large(points: int, interests: int, hidden: int, ratio: float) -> None:
+    """Log what the per-epoch clustering costs when it is large: it grows with the square of the catalogue."""
+    macs = 2 * points * interests * hidden  # two assignments of every point to every centre
+    if macs > CLUSTERING_WARN_MACS:
+        getLogger().warning(
+            f"MISSRec clusters {points:,} item rows into {interests:,} interests before every epoch "
+            f"(interest_ratio {ratio}): {macs:.1e} multiply-adds per epoch, growing with items^2 "
+            f"(~10 CPU-minutes at 100k items); lower interest_ratio for a catalogue this large")
 
 
 def softmax_mix(first: torch.Tensor, second: torch.Tensor, factor: torch.Tensor, in_place: bool) -> torch.Tensor:
@@ -170,6 +186,7 @@ class MISSRec(SequentialRecommender):
             self.fusion_factor = nn.Parameter(torch.zeros(() if fusion == "dynamic_shared" else self.n_items))
         points = len(modalities) * (self.n_items - 1)
         self.num_interests = max(math.ceil(points * config["interest_ratio"]), 1)
+        warn_if_clustering_is_large(points, self.num_interests, self.hidden_size, config["interest_ratio"])
         self.register_buffer("interest_embeddings", torch.zeros(self.num_interests + 1, self.hidden_size))
         self.register_buffer("interest_lookup", torch.zeros(len(modalities), self.n_items, dtype=torch.long))
         # AVL's running means (mean L_v, mean L_t, count), as REVEALRecommender keeps them
