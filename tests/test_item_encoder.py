@@ -328,6 +328,18 @@ def test_no_grad_cache_reused_then_invalidated_by_inplace_update():
         assert torch.equal(encoder.weight, second)
 
 
+def test_cache_follows_the_model_to_a_new_dtype_or_device():
+    """``.to(device)`` replaces every tensor and keeps its version: the cached table must not survive it
+    (a CPU table handed to a model on the GPU); ``.double()`` is the same replacement on a CPU."""
+    encoder = make_encoder()
+    with torch.no_grad():
+        assert encoder.weight.dtype == torch.float32
+        encoder.double()
+        table = encoder.weight
+    assert table.dtype == torch.float64
+    torch.testing.assert_close(table, encoder.compute_table())
+
+
 def test_cache_invalidated_by_load_state_dict():
     encoder = make_encoder(missing_feature="learned")
     other = make_encoder(missing_feature="learned")

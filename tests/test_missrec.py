@@ -241,6 +241,9 @@ def test_evaluation_adapts_the_catalogue_once_per_parameter_state(tiny_config):
     with torch.no_grad():
         encoder.adapted("image")  # training mode (dropout in other adaptors, UniSRec's gate noise): computed
     assert len(calls) == 5
+    model.eval().double()  # moved to a new dtype (or device): new tensors, their versions unchanged
+    with torch.no_grad():
+        assert encoder.adapted("image").dtype == torch.float64 and len(calls) == 6
 
 
 def test_a_clustering_that_grows_past_minutes_per_epoch_is_said_once_at_build(caplog):

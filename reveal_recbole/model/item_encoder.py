@@ -203,6 +203,12 @@ def table_digest(table: torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
 
 
+def tensors_state(tensors: Iterable[torch.Tensor]) -> tuple:
+    """A cache key that changes when any of ``tensors`` is updated in place (its version) or replaced
+    (its storage: ``load_state_dict`` of a new tensor, ``.to(device)``, ``.double()``)."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
 def check_optional_width(key: str, width) -> None:
     """A width key (``feature_width``, ``feature_neighbours_width``): an integer >= 1, or None for the full width."""
     if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
@@ -237,7 +243,7 @@ class FeatureTables(nn.Module):
     def digest(self, name: str) -> torch.Tensor:
         """The frozen table's digest, computed once per table content (cached by storage and version)."""
         table = self[name]
-        key = (table.data_ptr(), table._version, tuple(table.shape))
+        key = (tensors_state([table]), tuple(table.shape))
         if name not in self._digests or self._digests[name][0] != key:
             self._digests[name] = (key, table_digest(table))
         return self._digests[name][1]
@@ -316,7 +322,7 @@ class AdaptedFeatureEncoder(nn.Module):
         table, adaptor = self.feature_tables[modality], self.adaptors[modality]
         if self.training or torch.is_grad_enabled():
             return adaptor(table)
-        key = tuple((t.data_ptr(), t._version) for t in (table, *adaptor.parameters()))
+        key = tensors_state((table, *adaptor.parameters()))
         cached = self._catalogue_cache.get(modality)
         if cached is None or cached[0] != key:
             cached = self._catalogue_cache[modality] = (key, adaptor(table))
@@ -654,8 +660,8 @@ class REVEALItemEncoder(nn.Module):
         return table
 
     def _cache_key(self) -> tuple:
-        versions = tuple(p._version for p in (*self.parameters(), *self.feature_tables.buffers()))
-        return (versions, self.masked_modalities, self.training, torch.is_grad_enabled())
+        state = tensors_state((*self.parameters(), *self.feature_tables.buffers()))
+        return (state, self.masked_modalities, self.training, torch.is_grad_enabled())
 
     def table(self) -> torch.Tensor:
         """All fused item embeddings; computed once per shared block, or per parameter state without grad."""
