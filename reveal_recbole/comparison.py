@@ -28,10 +28,11 @@ REPORT_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 # The validation metric the tables report beside the test ones, to choose a row by (never by test).
 SELECTION_METRIC = "ndcg@10"
 # Named model lists for compare (``--model=peers``): each name expands to its specs, in this order.
-# peers: the ID-only baseline, REVEAL, the training-free feature baseline, RecBole's feature-aware
-# models and the package's multimodal peers on the same features, then "peer + REVEAL" rows.
+# peers: the ID-only baseline, REVEAL on two backbones (which is best depends on the set: BENCHMARKS.md),
+# the training-free feature baseline, RecBole's feature-aware models and the package's multimodal peers on
+# the same features, then "peer + REVEAL" rows.
 SUITES: dict[str, tuple[str, ...]] = {
-    "peers": ("SASRec", "SASRecREVEAL", "FeatureKNN", "SASRecF", "FDSA", "GRU4RecF", "UniSRec", "M3SRec",
+    "peers": ("SASRec", "SASRecREVEAL", "NARMREVEAL", "FeatureKNN", "SASRecF", "FDSA", "GRU4RecF", "UniSRec", "M3SRec",
               "MISSRec", "SASRecF[avl=True]", "M3SRec[avl=True]"),
 }
 BUCKET_METRICS = ("ndcg@10", "recall@20")
