@@ -131,3 +131,19 @@ def test_a_peer_trains_on_cuda_and_ranks_as_on_the_cpu(gpu_config, model):
     with torch.no_grad():
         on_cpu = cpu.model.eval().full_sort_predict(batch.to("cpu"))
     torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("model", ["SASRecREVEAL", "MISSRec", "UniSRec"])
+def test_a_model_ranked_on_the_gpu_ranks_again_after_moving_to_the_cpu(gpu_config, model):
+    """Evaluation caches the item table (REVEAL) or the adapted catalogue (MISSRec, UniSRec); ``.cpu()`` keeps
+    each tensor's version, so a cache keyed on versions alone handed the CUDA table to the CPU model."""
+    from test_peer_models import eval_batch, prepared
+
+    run = prepared(gpu_config | {"avl": False}, model)
+    batch = eval_batch(run)
+    with torch.no_grad():
+        on_gpu = run.model.eval().full_sort_predict(batch).cpu()
+        run.model.cpu()
+        on_cpu = run.model.full_sort_predict(batch.to("cpu"))
+    assert on_cpu.device.type == "cpu"
+    torch.testing.assert_close(on_cpu, on_gpu, rtol=1e-3, atol=1e-3)
