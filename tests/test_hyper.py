@@ -66,3 +66,27 @@ def test_results_of_finished_trials_survive_a_crash(tiny_config, tmp_path, monke
     text = output.read_text()
     assert text.count("Test result:") == 1 and f"fusion:{trials[0]['fusion']}" in text
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_seeds_run_each_trial_once_per_seed_and_score_it_by_the_mean(tmp_path, monkeypatch):
+    """--seeds: every trial runs at each seed; its score, valid and test results are the means over them."""
+    script = load_script("run_hyper")
+    calls = []
+
+    def objective(config_dict=None, config_file_list=None, saved=True):
+        calls.append((config_dict["learning_rate"], config_dict["seed"]))
+        score = config_dict["learning_rate"] + config_dict["seed"] / 1000  # seeds 1, 2 -> +.001, +.002
+        return {"model": "SASRec", "best_valid_score": score, "valid_score_bigger": True,
+                "best_valid_result": {"ndcg@10": score}, "test_result": {"ndcg@10": score / 2}}
+
+    monkeypatch.setattr(script, "objective_function", objective)
+    params_file = tmp_path / "lr.hyper"
+    params_file.write_text("learning_rate choice [0.01,0.02]\n")
+    output = tmp_path / "hyper.result"
+    hp = script.main([f"--params_file={params_file}", f"--output_file={output}", "--algo=exhaustive",
+                      "--seeds=1,2"])
+    assert sorted(calls) == [(0.01, 1), (0.01, 2), (0.02, 1), (0.02, 2)]
+    assert hp.best_params == {"learning_rate": 0.02}
+    best = hp.params2result[hp.params2str(hp.best_params)]
+    assert best["best_valid_result"]["ndcg@10"] == 0.0215 and best["test_result"]["ndcg@10"] == round(0.0215 / 2, 4)
+    assert "ndcg@10 : 0.0215" in output.read_text()
