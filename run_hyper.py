@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 from recbole.trainer import HyperTuning
 
 from reveal_recbole.atomic import atomic_target
+from reveal_recbole.comparison import seed_list
 from reveal_recbole.quick_start import objective_function, seed_averaged
 from reveal_recbole.recbole_seam import numpy_str_alias, quiet_third_party_warnings
 
@@ -66,15 +67,14 @@ def main(argv: Optional[Sequence[str]] = None) -> HyperTuning:
                         help="hyperopt search: every combination, random draws, or TPE")
     parser.add_argument("--max_evals", type=int, default=100, help="trials for random/bayes (exhaustive: all)")
     parser.add_argument("--early_stop", type=int, default=10, help="stop after this many trials without progress")
-    parser.add_argument("--seeds", type=str, default=None,
+    parser.add_argument("--seeds", type=seed_list, default=None,
                         help="comma-separated seeds: each trial runs once per seed and is scored by the mean "
                              "(valid and test results are the means); default: one run at the config's seed")
     args, _ = parser.parse_known_args(argv)
 
     config_file_list = args.config_files.strip().split(" ") if args.config_files else None
-    seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else None
     hp = REVEALHyperTuning(
-        seed_averaged(objective_function, seeds) if seeds else objective_function,
+        seed_averaged(objective_function, args.seeds) if args.seeds else objective_function,
         algo=args.algo,
         early_stop=args.early_stop,
         max_evals=args.max_evals,

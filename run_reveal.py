@@ -15,7 +15,7 @@ import sys
 
 import yaml
 
-from reveal_recbole.comparison import compare, expand_suites
+from reveal_recbole.comparison import compare, expand_suites, seed_list
 from reveal_recbole.config import Config
 from reveal_recbole.errors import UserInputError
 from reveal_recbole.fve.loop import run_fve
@@ -32,7 +32,8 @@ def main(argv=None) -> None:
                         help="model name, or a comma-separated list to compare; a suite (peers) stands for its list")
     parser.add_argument("--dataset", "-d", default="scientific", help="dataset name")
     parser.add_argument("--config_files", default=None, help="space-separated yaml config files")
-    parser.add_argument("--seeds", default=None, help="comma-separated seeds: compare runs every model once per seed")
+    parser.add_argument("--seeds", type=seed_list, default=None,
+                        help="comma-separated seeds: compare runs every model once per seed")
     parser.add_argument("--output_dir", default="results", help="where --model=A,B writes its comparison table")
     parser.add_argument("--resume_compare", default=None,
                         help="a -runs.json of an interrupted comparison: run only the (model, seed) pairs it lacks")
@@ -55,8 +56,7 @@ def main(argv=None) -> None:
             run(models[0], args.dataset, config_files, nproc=args.nproc, world_size=args.world_size,
                 ip=args.ip, port=args.port, group_offset=args.group_offset)
         else:
-            seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-            compare(models, args.dataset, seeds, config_file_list=config_files, output_dir=args.output_dir,
+            compare(models, args.dataset, args.seeds, config_file_list=config_files, output_dir=args.output_dir,
                     resume=args.resume_compare)
     except (UserInputError, yaml.YAMLError) as error:
         sys.exit(f"error: {error}")

@@ -8,6 +8,7 @@ warm head / torso / tail (:mod:`reveal_recbole.target_buckets`), with their coun
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -51,6 +52,15 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
             raise ConfigError(f"bad override {pair!r} in model spec {spec!r}: expected key=value")
         overrides[key.strip()] = yaml.safe_load(value.strip())
     return match.group(1), overrides
+
+
+def seed_list(text: str) -> list[int]:
+    """The scripts' ``--seeds``: ``"2020,2021,2022"`` -> ``[2020, 2021, 2022]``; anything else is a usage error."""
+    try:
+        return [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integer seeds, e.g. 2020,2021,2022; got {text!r}") from None
 
 
 def expand_suites(specs: list[str]) -> list[str]:

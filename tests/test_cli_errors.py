@@ -48,3 +48,14 @@ def test_malformed_config_file_names_the_file(monkeypatch, tiny_config, tmp_path
 def test_missing_config_file_is_named(monkeypatch, tiny_config, tmp_path):
     message = run_cli(monkeypatch, tiny_config, "--model=SASRecREVEAL", f"--config_files={tmp_path / 'nope.yaml'}")
     assert "config file not found" in message and "nope.yaml" in message
+
+
+@pytest.mark.parametrize("script", ["run_reveal", "run_hyper"])
+def test_seeds_that_are_not_integers_are_one_usage_line(script, capsys):
+    """Both scripts read --seeds the same way (comparison.seed_list): a bad value names itself, no traceback."""
+    with pytest.raises(SystemExit) as excinfo:
+        load_script(script).main(["--params_file=unused.hyper", "--seeds=2020,x"])
+    assert excinfo.value.code == 2
+    message = capsys.readouterr().err
+    assert "--seeds: expected comma-separated integer seeds" in message and "'2020,x'" in message
+    assert "Traceback" not in message
